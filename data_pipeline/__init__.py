@@ -1,0 +1,1 @@
+"""data_pipeline: raw corpora → SentencePiece tokenizer → checksummed token shards → resumable loader."""

@@ -1,0 +1,36 @@
+"""User-facing errors.
+
+Library code raises :class:`LmforgeError` (or a subclass) with a message that names the file, key
+or shard and says what to do. Each stage's CLI turns it into one line on stderr and exit code 2;
+library code never calls ``sys.exit``.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Sequence
+
+
+class LmforgeError(Exception):
+    """An error caused by the user's input (config, data, paths), not by a bug."""
+
+
+class ConfigError(LmforgeError, ValueError):
+    """A bad configuration key or value."""
+
+
+class DataError(LmforgeError):
+    """Bad or missing input data, shards or tokenizer files."""
+
+
+def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
+    """Run ``main(argv)``; print an :class:`LmforgeError` as one line on stderr and return 2."""
+    try:
+        return int(main(argv) or 0)
+    except LmforgeError as e:
+        msg = " ".join(str(e).split("\n"))
+        print(f"error: {msg}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,91 @@
+"""The config system: presets, dotted overrides, validation errors that name the key."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+import pytest
+
+from lmforge.config import dump_yaml, from_dict, load_config, parse_overrides, split_cli, to_dict
+from lmforge.errors import ConfigError
+
+
+@dataclass
+class Optim:
+    lr: float = 1e-3  # peak learning rate
+    betas: tuple[float, float] = (0.9, 0.95)
+
+
+@dataclass
+class Cfg:
+    name: str = "x"
+    steps: int = 10
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    shards: list[str] = field(default_factory=list)
+    weights: list[float] | None = None
+    optim: Optim = field(default_factory=Optim)
+    flag: bool = False
+
+    def validate(self) -> None:
+        if self.steps < 0:
+            raise ConfigError("steps: must be >= 0")
+
+
+def test_yaml_preset_with_overrides(tmp_path):
+    base = tmp_path / "base.yaml"
+    base.write_text("steps: 5\noptim:\n  lr: 0.01\n")
+    child = tmp_path / "child.yaml"
+    child.write_text("base: base.yaml\nname: child\n")
+    cfg = load_config(Cfg, child, ["--optim.lr=3e-4", "--shards=[a, b]", "--flag", "true"])
+    assert cfg.name == "child" and cfg.steps == 5
+    assert cfg.optim.lr == pytest.approx(3e-4)  # "3e-4" is a string in YAML 1.1; coerced
+    assert cfg.shards == ["a", "b"] and cfg.flag is True
+    assert cfg.optim.betas == (0.9, 0.95)
+
+
+def test_roundtrip_through_yaml(tmp_path):
+    cfg = load_config(Cfg, None, ["--weights=[0.7, 0.3]", "--precision=fp16"])
+    p = tmp_path / "resolved.yaml"
+    p.write_text(dump_yaml(cfg))
+    again = load_config(Cfg, p)
+    assert to_dict(again) == to_dict(cfg)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--optim.lrr=1", "unknown config key 'optim.lrr'"),
+        ("--nope=1", "unknown config key 'nope'"),
+        ("--steps=ten", "steps: expected an integer"),
+        ("--precision=fp8", "precision: expected one of bf16|fp16|fp32"),
+        ("--flag=maybe", "flag: expected true or false"),
+        ("--optim=3", "optim: expected a mapping"),
+        ("--steps=-1", "steps: must be >= 0"),
+    ],
+)
+def test_errors_name_the_key(override, message):
+    with pytest.raises(ConfigError, match=message.replace("|", r"\|")):
+        load_config(Cfg, None, [override])
+
+
+def test_missing_and_invalid_files(tmp_path):
+    with pytest.raises(ConfigError, match="nothere.yaml not found"):
+        load_config(Cfg, tmp_path / "nothere.yaml")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("steps: [1,\n")
+    with pytest.raises(ConfigError, match="bad.yaml: invalid YAML"):
+        load_config(Cfg, bad)
+
+
+def test_split_cli_and_overrides():
+    path, ov, flags = split_cli(["c.yaml", "--a.b=1", "--dry-run", "--c", "x"])
+    assert path == "c.yaml" and flags == {"dry-run"}
+    assert parse_overrides(ov) == {"a": {"b": 1}, "c": "x"}
+    with pytest.raises(ConfigError, match="has no value"):
+        parse_overrides(["--a.b"])
+
+
+def test_from_dict_int_to_float_and_back():
+    cfg = from_dict(Cfg, {"optim": {"lr": 1}, "steps": 4.0})
+    assert isinstance(cfg.optim.lr, float) and cfg.steps == 4
