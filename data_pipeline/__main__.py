@@ -1,0 +1,3 @@
+from data_pipeline.cli import cli
+
+cli()

@@ -1,0 +1,446 @@
+"""Tokenize a document stream into fixed-size, checksummed token shards, in parallel and resumably.
+
+Order and determinism: the main process reads documents in a fixed order and hands batches to W
+worker processes; results are consumed in submission order, so the output bytes do not depend on W.
+At most ``2 * W`` batches are in flight, so memory does not grow with the corpus.
+
+Resumability: after each completed train shard (written to ``*.tmp``, fsynced, renamed), a small
+``progress.json`` records where the document stream stands. A re-run after ``kill -9`` re-verifies
+the finished shards, fast-forwards the stream without tokenizing, and writes the same bytes.
+Validation documents go to an append-only spill file whose length is part of the progress record;
+``manifest.json`` is written last and is the only completeness marker.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import multiprocessing as mp
+import os
+import time
+from collections import deque
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipeline import sources
+from data_pipeline.shards import (
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    atomic_write_text,
+    dtype_for_vocab,
+    fsync_dir,
+    manifest_fingerprint,
+    sha256_file,
+)
+from data_pipeline.tokenizer import Tokenizer
+from lmforge.errors import DataError
+from lmforge.log import progress_enabled
+
+PROGRESS = "progress.json"
+VAL_SPILL = "val.partial"
+
+
+@dataclass
+class BuildSettings:
+    """Everything that determines the output bytes (a re-run must match to resume)."""
+
+    inputs: list[str]
+    tokenizer_sha256: str
+    dtype: str
+    shard_tokens: int = 1 << 24  # tokens per shard (the last one of each split is shorter)
+    val_docs: int = 0  # documents held out for validation
+    val_every: int = 100  # every val_every-th kept document is held out, until val_docs
+    dedup: bool = False  # drop exact duplicate documents
+    min_chars: int = 0  # drop documents shorter than this
+    text_field: str = "text"  # JSON/parquet/datasets column holding the text
+    seq_len: int | None = None  # when given, the build checks that both splits can fill one window
+
+
+@dataclass
+class _Progress:
+    docs_read: int = 0  # raw documents consumed from the stream (before filtering)
+    skip_tokens: int = 0  # tokens of document `docs_read` already written (it spans a shard boundary)
+    kept_docs: int = 0
+    dup_docs: int = 0
+    train_shards: list[dict[str, Any]] = field(default_factory=list)
+    val_tokens: int = 0
+    val_docs: int = 0
+
+
+# ---------------------------------------------------------------- worker side
+_TOK: Tokenizer | None = None
+
+
+def _init_worker(tokenizer_path: str) -> None:
+    global _TOK
+    _TOK = Tokenizer.load(tokenizer_path)
+
+
+def _encode(texts: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
+    """Token ids of each text followed by EOS, concatenated; plus per-document lengths (with EOS)."""
+    assert _TOK is not None
+    ids = _TOK.encode_batch(texts)
+    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
+    out = np.empty(int(lengths.sum()), dtype=DTYPES[dtype])
+    pos = 0
+    for x in ids:
+        out[pos : pos + len(x)] = x
+        pos += len(x)
+        out[pos] = _TOK.eos_id
+        pos += 1
+    return out, lengths
+
+
+# ---------------------------------------------------------------- main side
+def _ordered_map(batches: Iterator[list[str]], workers: int, tokenizer_path: str, dtype: str):
+    """Yield (texts, (tokens, lengths)) in input order, with at most 2*workers batches in flight."""
+    if workers <= 1:
+        _init_worker(tokenizer_path)
+        for b in batches:
+            yield b, _encode(b, dtype)
+        return
+    ctx = mp.get_context("spawn" if os.environ.get("LMFORGE_MP_SPAWN") else "fork")
+    with ctx.Pool(workers, initializer=_init_worker, initargs=(tokenizer_path,)) as pool:
+        pending: deque = deque()
+        for b in batches:
+            pending.append((b, pool.apply_async(_encode, (b, dtype))))
+            if len(pending) >= 2 * workers:
+                texts, res = pending.popleft()
+                yield texts, res.get()
+        while pending:
+            texts, res = pending.popleft()
+            yield texts, res.get()
+
+
+class _Writer:
+    """Accumulates train tokens into fixed-size shards and val tokens into the spill file."""
+
+    def __init__(self, out: Path, settings: BuildSettings, eos_id: int, progress: _Progress):
+        self.out, self.s, self.eos_id, self.p = out, settings, eos_id, progress
+        self.dtype = DTYPES[settings.dtype]
+        self.buf = np.empty(settings.shard_tokens, dtype=self.dtype)
+        self.fill = 0
+        self.val = open(out / VAL_SPILL, "ab")
+
+    def add_val(self, tokens: np.ndarray) -> None:
+        self.val.write(tokens.tobytes())
+        self.p.val_tokens += len(tokens)
+        self.p.val_docs += 1
+
+    def add_train(self, tokens: np.ndarray, doc_index: int) -> None:
+        """Append one document (with EOS); a full shard is flushed mid-document when needed."""
+        pos = 0
+        while pos < len(tokens):
+            n = min(len(tokens) - pos, len(self.buf) - self.fill)
+            self.buf[self.fill : self.fill + n] = tokens[pos : pos + n]
+            self.fill += n
+            pos += n
+            if self.fill == len(self.buf):
+                # The stream position after this shard: inside document `doc_index` unless it ended.
+                done = pos == len(tokens)
+                self.flush(next_doc=doc_index + 1 if done else doc_index, skip=0 if done else pos)
+
+    def flush(self, next_doc: int, skip: int) -> None:
+        if self.fill == 0:
+            return
+        idx = len(self.p.train_shards)
+        name = f"train_{idx:05d}.bin"
+        data = self.buf[: self.fill]
+        _write_atomic_bytes(self.out / name, data.tobytes())
+        self.p.train_shards.append(
+            {
+                "file": name,
+                "tokens": int(self.fill),
+                "documents": int(np.count_nonzero(data == self.eos_id)),
+                "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+            }
+        )
+        self.fill = 0
+        self.p.docs_read, self.p.skip_tokens = next_doc, skip
+        self.val.flush()
+        os.fsync(self.val.fileno())
+        atomic_write_text(self.out / PROGRESS, json.dumps({"settings": asdict(self.s), "progress": asdict(self.p)}))
+
+    def close(self) -> None:
+        self.val.close()
+
+
+def _write_atomic_bytes(path: Path, data: bytes) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _load_progress(out: Path, settings: BuildSettings) -> _Progress:
+    """Progress of an interrupted build with the same settings (verified), or a fresh start."""
+    path = out / PROGRESS
+    if not path.is_file():
+        return _Progress()
+    saved = json.loads(path.read_text())
+    if saved["settings"] != json.loads(json.dumps(asdict(settings))):
+        raise DataError(
+            f"{out} holds an unfinished build with different settings ({path}); "
+            "re-run with the same arguments to resume it, or choose another --out"
+        )
+    p = _Progress(**saved["progress"])
+    for s in p.train_shards:  # a finished shard is re-used only if its bytes are intact
+        f = out / s["file"]
+        if not f.is_file() or sha256_file(f) != s["sha256"]:
+            raise DataError(f"finished shard {f} is missing or corrupt; delete {out} and rebuild")
+    return p
+
+
+def _clean_partial(out: Path, p: _Progress, itemsize: int) -> None:
+    keep = {s["file"] for s in p.train_shards}
+    for f in out.iterdir():
+        if f.name.endswith(".tmp") or (f.name.startswith("train_") and f.name not in keep):
+            f.unlink()
+    spill = out / VAL_SPILL
+    with open(spill, "ab") as fh:  # creates it when missing; drops val tokens written after the record
+        fh.truncate(p.val_tokens * itemsize)
+
+
+def build_shards(
+    inputs: Sequence[str],
+    tokenizer: str | Path,
+    out: str | Path,
+    workers: int = 1,
+    shard_tokens: int = 1 << 24,
+    val_docs: int = 0,
+    val_every: int = 100,
+    dedup: bool = False,
+    min_chars: int = 0,
+    text_field: str = "text",
+    seq_len: int | None = None,
+    dtype: str = "auto",
+    progress: bool | None = None,
+) -> dict[str, Any]:
+    """Build (or resume, or recognise as done) a shard directory; returns the manifest dict."""
+    tok = Tokenizer.load(tokenizer)
+    out = Path(out)
+    inputs = list(inputs) or sources.default_corpus_paths()
+    sources.expand_inputs(inputs)  # fail fast, with the path named, before any output exists
+    settings = BuildSettings(
+        inputs=[str(i) for i in inputs],
+        tokenizer_sha256=tok.fingerprint,
+        dtype=dtype_for_vocab(tok.vocab_size, dtype),
+        shard_tokens=int(shard_tokens),
+        val_docs=int(val_docs),
+        val_every=max(1, int(val_every)),
+        dedup=bool(dedup),
+        min_chars=int(min_chars),
+        text_field=text_field,
+        seq_len=seq_len,
+    )
+    if shard_tokens < 1:
+        raise DataError(f"--shard-tokens {shard_tokens}: must be positive")
+    done = _finished(out, settings)
+    if done is not None:
+        return done
+    out.mkdir(parents=True, exist_ok=True)
+    p = _load_progress(out, settings)
+    _clean_partial(out, p, DTYPES[settings.dtype].itemsize)
+    stats = sources.SourceStats()
+    t0 = time.time()
+    _run(settings, tok, out, p, stats, workers, progress)
+    manifest = _finalize(out, settings, tok, p, stats, time.time() - t0)
+    return manifest
+
+
+def _finished(out: Path, settings: BuildSettings) -> dict[str, Any] | None:
+    path = out / MANIFEST
+    if not path.is_file():
+        return None
+    manifest = json.loads(path.read_text())
+    if manifest.get("build") != json.loads(json.dumps(asdict(settings))):
+        raise DataError(
+            f"{out} already holds a finished build with different settings; choose another --out "
+            "or delete it to rebuild"
+        )
+    return manifest
+
+
+def _run(settings, tok, out, p: _Progress, stats, workers: int, progress: bool | None) -> None:
+    seen: set[bytes] = set()
+    resume_at, skip = p.docs_read, p.skip_tokens
+    counters = {"raw": 0, "kept": 0, "dups": 0}
+
+    def filtered() -> Iterator[tuple[int, bool, str]]:
+        """(raw index, is_val, text) for documents that pass the filters; counters stay in sync."""
+        for text in sources.iter_documents(
+            settings.inputs, text_field=settings.text_field, min_chars=settings.min_chars, stats=stats
+        ):
+            i = counters["raw"]
+            counters["raw"] += 1
+            if settings.dedup:
+                h = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=16).digest()
+                if h in seen:
+                    counters["dups"] += 1
+                    continue
+                seen.add(h)
+            k = counters["kept"]
+            counters["kept"] += 1
+            # every val_every-th kept document is held out; k // val_every of them came before k
+            is_val = k % settings.val_every == settings.val_every - 1 and k // settings.val_every < settings.val_docs
+            yield i, is_val, text
+
+    stream = filtered()
+    if resume_at:  # fast-forward without tokenizing; the dedup set and counters are rebuilt on the way
+        stream = _skip_until(stream, resume_at)
+
+    writer = _Writer(out, settings, tok.eos_id, p)
+    bar = _progress_bar(progress)
+    try:
+        items = _with_meta(stream)
+        for (meta, texts), (tokens, lengths) in _ordered_map_meta(items, workers, settings, tok):
+            offsets = np.concatenate([[0], np.cumsum(lengths)])
+            for (i, is_val), a, b in zip(meta, offsets[:-1], offsets[1:]):
+                doc = tokens[a:b]
+                if i == resume_at and skip:
+                    doc, skip = doc[skip:], 0
+                    writer.add_train(doc, i)  # continue the document that spans the shard boundary
+                    continue
+                if is_val:
+                    writer.add_val(doc)
+                else:
+                    writer.add_train(doc, i)
+            if bar is not None:
+                bar.update(len(texts))
+                bar.set_postfix(tokens=int(offsets[-1]), refresh=False)
+        writer.flush(next_doc=counters["raw"], skip=0)
+    finally:
+        writer.close()
+        if bar is not None:
+            bar.close()
+    p.kept_docs, p.dup_docs = counters["kept"], counters["dups"]
+
+
+def _skip_until(stream, resume_at: int):
+    """The stream from raw document index `resume_at` on (earlier items are consumed, not tokenized)."""
+    for item in stream:
+        if item[0] >= resume_at:
+            yield item
+            break
+    yield from stream
+
+
+def _with_meta(stream) -> Iterator[tuple[list[tuple[int, bool]], list[str]]]:
+    meta: list[tuple[int, bool]] = []
+    texts: list[str] = []
+    size = 0
+    for i, is_val, text in stream:
+        meta.append((i, is_val))
+        texts.append(text)
+        size += len(text)
+        if len(texts) >= 512 or size >= 1 << 21:
+            yield meta, texts
+            meta, texts, size = [], [], 0
+    if texts:
+        yield meta, texts
+
+
+def _ordered_map_meta(items, workers: int, settings: BuildSettings, tok: Tokenizer):
+    """_ordered_map that carries each batch's metadata along."""
+    metas: deque = deque()
+
+    def texts_only():
+        for meta, texts in items:
+            metas.append(meta)
+            yield texts
+
+    for texts, result in _ordered_map(texts_only(), workers, str(tok.model_path), settings.dtype):
+        yield (metas.popleft(), texts), result
+
+
+def _progress_bar(progress: bool | None):
+    if progress is None:
+        progress = progress_enabled()
+    if not progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(unit="doc", desc="build", dynamic_ncols=True)
+
+
+def _finalize(out: Path, s: BuildSettings, tok: Tokenizer, p: _Progress, stats, seconds: float) -> dict[str, Any]:
+    itemsize = DTYPES[s.dtype].itemsize
+    val_shards = _split_spill(out, s, tok.eos_id, itemsize)
+    train_tokens = sum(x["tokens"] for x in p.train_shards)
+    if train_tokens == 0:
+        raise DataError(
+            f"no training tokens: every document of {', '.join(s.inputs)} was empty, filtered or held out "
+            f"({stats.empty_skipped} empty, {stats.short_skipped} short, {p.dup_docs} duplicates)"
+        )
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": s.dtype,
+        "tokenizer": {
+            "sha256": tok.fingerprint,
+            "vocab_size": tok.vocab_size,
+            "eos_id": tok.eos_id,
+            "bos_id": tok.bos_id,
+            "pad_id": tok.pad_id,
+        },
+        "splits": {
+            "train": _split_summary(p.train_shards),
+            "val": _split_summary(val_shards),
+        },
+        "stats": {**stats.as_dict(), "kept_documents": p.kept_docs, "duplicate_documents": p.dup_docs},
+        "build": json.loads(json.dumps(asdict(s))),
+        "seconds": round(seconds, 3),
+    }
+    manifest["fingerprint"] = manifest_fingerprint(manifest)
+    if s.seq_len is not None:
+        for split in ("train", "val"):
+            n = manifest["splits"][split]["tokens"]
+            if n and n < s.seq_len + 1:
+                raise DataError(
+                    f"--seq-len {s.seq_len} is longer than the data: the {split} split has {n} tokens "
+                    f"(needs at least {s.seq_len + 1}); use a shorter --seq-len or more data"
+                )
+    tok.save(out / "tokenizer")  # the shard dir describes itself: inspect/pretrain need only its path
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    for name in (PROGRESS, VAL_SPILL):
+        (out / name).unlink(missing_ok=True)
+    fsync_dir(out)
+    return manifest
+
+
+def _split_summary(shards: list[dict[str, Any]]) -> dict[str, Any]:
+    return {
+        "tokens": sum(x["tokens"] for x in shards),
+        "documents": sum(x["documents"] for x in shards),
+        "shards": shards,
+    }
+
+
+def _split_spill(out: Path, s: BuildSettings, eos_id: int, itemsize: int) -> list[dict[str, Any]]:
+    """Cut the validation spill into shards of shard_tokens (streamed, not loaded whole)."""
+    spill = out / VAL_SPILL
+    total = spill.stat().st_size // itemsize if spill.exists() else 0
+    shards = []
+    dtype = DTYPES[s.dtype]
+    for idx, start in enumerate(range(0, total, s.shard_tokens)):
+        n = min(s.shard_tokens, total - start)
+        data = np.fromfile(spill, dtype=dtype, count=n, offset=start * itemsize)
+        name = f"val_{idx:05d}.bin"
+        _write_atomic_bytes(out / name, data.tobytes())
+        shards.append(
+            {
+                "file": name,
+                "tokens": int(n),
+                "documents": int(np.count_nonzero(data == eos_id)),
+                "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+            }
+        )
+    return shards

@@ -1,0 +1,176 @@
+"""``python -m data_pipeline {train-tokenizer,build,inspect}`` — the data stage's command line.
+
+With no ``--input`` every command uses the embedded default corpus: the running Python's standard
+library sources (real code and docstrings, several MB, present on every machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from lmforge.errors import DataError, run_cli
+from lmforge.log import print0
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m data_pipeline", description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train-tokenizer", help="train a lossless SentencePiece tokenizer (+ Hugging Face files)")
+    t.add_argument("--input", nargs="+", default=[], metavar="PATH", help="files, dirs, globs, hf: sources (default: embedded corpus)")
+    t.add_argument("--vocab-size", type=int, default=8192)
+    t.add_argument("--out", required=True, help="output dir: tokenizer.model + tokenizer.json & co.")
+    t.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
+    t.add_argument("--sample-docs", type=int, default=100_000, help="documents reservoir-sampled for training")
+    t.add_argument("--extra-special-tokens", nargs="*", default=[], metavar="TOKEN")
+    t.add_argument("--text-field", default="text", help="JSON/parquet/datasets column with the text")
+    t.add_argument("--seed", type=int, default=0)
+
+    b = sub.add_parser("build", help="tokenize a corpus into checksummed shards (parallel, resumable)")
+    b.add_argument("--input", nargs="+", default=[], metavar="PATH", help="files, dirs, globs, hf: sources (default: embedded corpus)")
+    b.add_argument("--tokenizer", required=True, help="tokenizer dir from train-tokenizer")
+    b.add_argument("--out", required=True, help="shard directory (manifest.json is written last)")
+    b.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (output is identical for any value)")
+    b.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file")
+    b.add_argument("--val-docs", type=int, default=0, help="documents held out as the validation split")
+    b.add_argument("--val-every", type=int, default=100, help="hold out every N-th document until --val-docs")
+    b.add_argument("--seq-len", type=int, default=None, help="check that each split fills at least one window")
+    b.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
+    b.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this")
+    b.add_argument("--text-field", default="text")
+    b.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto")
+    b.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+
+    i = sub.add_parser("inspect", help="totals, tokenizer and a decoded sample of a shard dir")
+    i.add_argument("shards")
+    i.add_argument("--verify", action="store_true", help="re-hash every shard; exit 1 naming corrupt/missing files")
+    i.add_argument("--json", action="store_true", help="print the summary as JSON")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "train-tokenizer":
+        return _train_tokenizer(args)
+    if args.command == "build":
+        return _build(args)
+    return _inspect(args)
+
+
+def _train_tokenizer(args) -> int:
+    from data_pipeline import sources
+    from data_pipeline.tokenizer import train_tokenizer
+
+    inputs = args.input or sources.default_corpus_paths()
+    sources.expand_inputs(inputs)
+    t0 = time.time()
+    docs = sources.iter_documents(inputs, text_field=args.text_field)
+    tok = train_tokenizer(
+        docs,
+        args.out,
+        vocab_size=args.vocab_size,
+        model_type=args.model_type,
+        sample_docs=args.sample_docs,
+        extra_special_tokens=args.extra_special_tokens,
+        seed=args.seed,
+    )
+    print0(f"tokenizer: {args.model_type}, vocab {tok.vocab_size}, sha256 {tok.fingerprint[:12]} → {args.out} ({time.time() - t0:.1f}s)")
+    return 0
+
+
+def _build(args) -> int:
+    from data_pipeline.build import build_shards
+
+    t0 = time.time()
+    m = build_shards(
+        args.input,
+        args.tokenizer,
+        args.out,
+        workers=args.workers,
+        shard_tokens=args.shard_tokens,
+        val_docs=args.val_docs,
+        val_every=args.val_every,
+        dedup=args.dedup,
+        min_chars=args.min_chars,
+        text_field=args.text_field,
+        seq_len=args.seq_len,
+        dtype=args.dtype,
+        progress=False if args.no_progress else None,
+    )
+    tr, va = m["splits"]["train"], m["splits"]["val"]
+    dt = time.time() - t0
+    print0(
+        f"shards: {len(tr['shards'])} train ({tr['tokens']:,} tokens, {tr['documents']:,} docs), "
+        f"{len(va['shards'])} val ({va['tokens']:,} tokens) → {args.out} "
+        f"[{m['dtype']}, {dt:.1f}s, {tr['tokens'] / max(dt, 1e-9):,.0f} tokens/s]"
+    )
+    st = m["stats"]
+    skipped = {k: st[k] for k in ("empty_skipped", "short_skipped", "invalid_utf8_docs", "duplicate_documents") if st.get(k)}
+    if skipped:
+        print0("  " + ", ".join(f"{k}={v}" for k, v in skipped.items()))
+    return 0
+
+
+def _inspect(args) -> int:
+    from data_pipeline.shards import Manifest
+
+    m = Manifest(args.shards)
+    summary = {
+        "shards": str(m.root),
+        "dtype": m.data["dtype"],
+        "tokenizer": m.data["tokenizer"],
+        "fingerprint": m.fingerprint,
+        "splits": {s: {k: v for k, v in m.data["splits"][s].items() if k != "shards"} | {"files": len(m.shards(s))} for s in m.splits()},
+        "stats": m.data.get("stats", {}),
+    }
+    sample = _decoded_sample(m)
+    if args.json:
+        print(json.dumps(summary | {"sample": sample}, indent=1))
+    else:
+        print(f"{m.root}: {m.data['dtype']}, tokenizer {m.tokenizer_sha256[:12]} (vocab {m.vocab_size}, eos {m.eos_id})")
+        for s, info in summary["splits"].items():
+            print(f"  {s:5s}: {info['files']} shard(s), {info['tokens']:,} tokens, {info['documents']:,} documents")
+        print("  sample: " + repr(sample[:300]))
+    if args.verify:
+        problems = m.verify()
+        for p in problems:
+            print(f"CORRUPT {p}", file=sys.stderr)
+        if problems:
+            print(f"error: {len(problems)} damaged shard(s) in {m.root}; rebuild them (re-run build into a new --out)", file=sys.stderr)
+            return 1
+        n = sum(len(m.shards(s)) for s in m.splits())
+        print(f"verified: {n} shard(s), all sha256 match")
+    return 0
+
+
+def _decoded_sample(m, n_tokens: int = 120) -> str:
+    """The first tokens of the train split, decoded with the tokenizer stored next to the shards."""
+    import numpy as np
+
+    from data_pipeline.tokenizer import Tokenizer
+
+    tok_dir = Path(m.root) / "tokenizer"
+    if not (tok_dir / "tokenizer.model").is_file():
+        return "(no tokenizer/ next to the shards)"
+    shard = m.shards("train")[0]
+    if not shard.path.is_file():
+        return f"(missing {shard.path})"
+    ids = np.fromfile(shard.path, dtype=m.dtype, count=min(n_tokens, shard.tokens))
+    try:
+        return Tokenizer.load(tok_dir).decode([int(x) for x in ids])
+    except DataError as e:
+        return f"({e})"
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()

@@ -1,0 +1,263 @@
+"""Deterministic, resumable, rank-sharded loader of packed token windows.
+
+Samples: each shard set's token stream (documents separated by EOS) is cut into windows of
+``seq_len + 1`` tokens that overlap by one token, so sample j is tokens ``[j*L, j*L + L + 1)`` and
+every token is a prediction target exactly once per epoch. Windows cross document boundaries.
+
+Global order: sample ``g`` of the global sequence depends only on (manifests, weights, seed,
+seq_len) — never on the number of ranks. A micro-step consumes ``micro_batch * world`` consecutive
+global samples; rank r takes its contiguous slice. The loader state is the global cursor, so a
+run resumed on another world size (same global batch) sees the same samples per optimizer step.
+
+Mixtures: the interleaving of several shard sets follows a fixed, seeded schedule of ``block``
+slots (source counts by largest remainder of the weights), repeated. Each source walks its own
+seeded permutation, epoch after epoch. All positions are computed in closed form, so
+``load_state_dict`` is O(1): nothing is replayed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipeline.shards import Manifest
+from lmforge.errors import DataError
+
+
+class TokenStore:
+    """Random access to one split of a shard set through memory maps, verified before first use."""
+
+    def __init__(self, root: str | Path, split: str = "train", verify: bool = True):
+        self.manifest = Manifest(root)
+        self.split = split
+        self.shards = self.manifest.shards(split)
+        self.manifest.check_sizes(split)  # cheap: catches truncation and missing files at start-up
+        self.verify = verify
+        self.offsets = np.cumsum([0] + [s.tokens for s in self.shards])
+        self._maps: dict[int, np.memmap] = {}
+
+    @property
+    def tokens(self) -> int:
+        return int(self.offsets[-1])
+
+    def _map(self, i: int) -> np.memmap:
+        if i not in self._maps:
+            s = self.shards[i]
+            if self.verify and (problem := self.manifest.verify_shard(s)):
+                # The full hash runs once per shard per process, before any of its tokens is used.
+                raise DataError(f"refusing to train on a damaged shard: {problem}; rebuild or restore it")
+            self._maps[i] = np.memmap(s.path, dtype=self.manifest.dtype, mode="r")
+        return self._maps[i]
+
+    def read(self, start: int, length: int) -> np.ndarray:
+        """Tokens [start, start+length) as int64, across shard boundaries."""
+        out = np.empty(length, dtype=np.int64)
+        pos = 0
+        i = int(np.searchsorted(self.offsets, start, side="right") - 1)
+        while pos < length:
+            local = start + pos - int(self.offsets[i])
+            n = min(length - pos, self.shards[i].tokens - local)
+            out[pos : pos + n] = self._map(i)[local : local + n]
+            pos += n
+            i += 1
+        return out
+
+
+def _rng(*key: int | str) -> np.random.Generator:
+    """A generator seeded by a tuple of ints/strings (stable across processes and machines)."""
+    digest = hashlib.sha256(repr(key).encode()).digest()
+    return np.random.default_rng(int.from_bytes(digest[:8], "little"))
+
+
+class _Source:
+    """One shard set: a seeded permutation of its windows per epoch."""
+
+    def __init__(self, store: TokenStore, seq_len: int, seed: int, index: int):
+        self.store, self.seq_len, self.seed, self.index = store, seq_len, seed, index
+        self.n = (store.tokens - 1) // seq_len
+        if self.n <= 0:
+            raise DataError(
+                f"seq_len {seq_len} is longer than the data: {store.manifest.root} ({store.split}) has "
+                f"{store.tokens} tokens, one sample needs {seq_len + 1}; use a shorter seq_len or more data"
+            )
+        self._perm_epoch = -1
+        self._perm: np.ndarray | None = None
+
+    def window(self, local: int, shuffle: bool = True) -> np.ndarray:
+        epoch, q = divmod(local, self.n)
+        if shuffle:
+            if epoch != self._perm_epoch:
+                self._perm = _rng("perm", self.seed, self.index, epoch).permutation(self.n)
+                self._perm_epoch = epoch
+            assert self._perm is not None
+            q = int(self._perm[q])
+        return self.store.read(q * self.seq_len, self.seq_len + 1)
+
+
+class _Schedule:
+    """Which source serves global sample g, and its index within that source, in O(1)."""
+
+    def __init__(self, weights: Sequence[float], seed: int, block: int = 1000):
+        w = np.asarray(weights, dtype=np.float64)
+        if len(w) == 0 or np.any(w < 0) or w.sum() <= 0:
+            raise DataError(f"mixture weights {list(weights)}: need non-negative weights with a positive sum")
+        w = w / w.sum()
+        block = block if len(w) > 1 else 1
+        counts = np.floor(w * block).astype(np.int64)
+        # largest remainder: the leftover slots go to the sources that lost the most to rounding
+        for i in np.argsort(-(w * block - counts), kind="stable")[: block - counts.sum()]:
+            counts[i] += 1
+        slots = np.repeat(np.arange(len(w)), counts)
+        self.slots = _rng("mix", seed).permutation(slots) if len(w) > 1 else slots
+        self.counts = counts
+        self.block = block
+        # before[k, s] = how many of the first k slots belong to source s
+        onehot = np.zeros((block + 1, len(w)), dtype=np.int64)
+        onehot[np.arange(1, block + 1), self.slots] = 1
+        self.before = np.cumsum(onehot, axis=0)
+
+    def locate(self, g: int) -> tuple[int, int]:
+        b, k = divmod(g, self.block)
+        s = int(self.slots[k])
+        return s, b * int(self.counts[s]) + int(self.before[k, s])
+
+
+class ShardLoader:
+    """Micro-batches ``(micro_batch, seq_len + 1)`` of int64 token ids for one data-parallel rank.
+
+    ``shards`` is one shard directory or several with ``weights`` (a mixture). Every shard set
+    must come from the same tokenizer; ``tokenizer_sha256`` (when given) must match it too.
+    """
+
+    def __init__(
+        self,
+        shards: str | Path | Sequence[str | Path],
+        seq_len: int,
+        micro_batch: int,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        weights: Sequence[float] | None = None,
+        split: str = "train",
+        tokenizer_sha256: str | None = None,
+        verify: bool = True,
+    ):
+        roots = [shards] if isinstance(shards, str | Path) else list(shards)
+        if not roots:
+            raise DataError("no shard directories given: pass at least one built with `python -m data_pipeline build`")
+        if weights is not None and len(weights) != len(roots):
+            raise DataError(f"{len(roots)} shard directories but {len(weights)} weights: give one weight per directory")
+        if not 0 <= rank < world_size:
+            raise DataError(f"rank {rank} outside world size {world_size}")
+        self.seq_len, self.micro_batch, self.seed = int(seq_len), int(micro_batch), int(seed)
+        self.rank, self.world_size = rank, world_size
+        stores = [TokenStore(r, split, verify) for r in roots]
+        _check_tokenizers(stores, tokenizer_sha256)
+        self.sources = [_Source(s, self.seq_len, self.seed, i) for i, s in enumerate(stores)]
+        self.schedule = _Schedule(weights or [1.0] * len(roots), self.seed)
+        self.fingerprint = _fingerprint([s.manifest.fingerprint for s in stores], weights, split)
+        self.cursor = 0  # global samples consumed by all ranks together
+
+    @property
+    def samples_per_epoch(self) -> int:
+        return sum(s.n for s in self.sources)
+
+    def sample(self, g: int) -> np.ndarray:
+        """Global sample g (the same on every rank and world size)."""
+        s, local = self.schedule.locate(g)
+        return self.sources[s].window(local)
+
+    def next_batch(self) -> np.ndarray:
+        start = self.cursor + self.rank * self.micro_batch
+        batch = np.stack([self.sample(start + i) for i in range(self.micro_batch)])
+        self.cursor += self.micro_batch * self.world_size
+        return batch
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            yield self.next_batch()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "cursor": self.cursor,
+            "epoch": self.cursor // self.samples_per_epoch,
+            "seed": self.seed,
+            "seq_len": self.seq_len,
+            "fingerprint": self.fingerprint,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], allow_data_change: bool = False) -> None:
+        for key in ("seed", "seq_len"):
+            if state[key] != getattr(self, key):
+                raise DataError(
+                    f"loader state has {key}={state[key]} but this loader uses {getattr(self, key)}: "
+                    "resume with the same data settings"
+                )
+        if state["fingerprint"] != self.fingerprint and not allow_data_change:
+            raise DataError(
+                "the shards differ from the ones this run was trained on (manifest fingerprint changed); "
+                "resume with the original shards or allow a data change explicitly"
+            )
+        step = self.micro_batch * self.world_size
+        if state["cursor"] % step:
+            raise DataError(
+                f"loader cursor {state['cursor']} is not a multiple of micro_batch x world_size = {step}: "
+                "keep the global batch size when resuming on another number of ranks"
+            )
+        self.cursor = int(state["cursor"])
+
+
+def eval_batches(
+    shards: str | Path | Sequence[str | Path],
+    seq_len: int,
+    micro_batch: int,
+    rank: int = 0,
+    world_size: int = 1,
+    max_samples: int | None = None,
+    split: str = "val",
+    tokenizer_sha256: str | None = None,
+) -> Iterator[np.ndarray]:
+    """Sequential (unshuffled) windows of the validation split; every rank gets the same count."""
+    roots = [shards] if isinstance(shards, str | Path) else list(shards)
+    stores = [TokenStore(r, split) for r in roots if Manifest(r).tokens(split) > 0]
+    if not stores:
+        raise DataError(f"no '{split}' tokens in {', '.join(map(str, roots))}: build with --val-docs N to evaluate")
+    _check_tokenizers(stores, tokenizer_sha256)
+    srcs = [_Source(st, seq_len, 0, i) for i, st in enumerate(stores)]
+    bounds = np.cumsum([0] + [src.n for src in srcs])  # window j lives in srcs[searchsorted(bounds, j)]
+    total = int(bounds[-1])
+    n = total if max_samples is None else min(total, max_samples)
+    per_step = micro_batch * world_size
+    n -= n % per_step
+    if n == 0:
+        raise DataError(
+            f"the '{split}' split holds {total} windows of {seq_len + 1} tokens, fewer than one eval step "
+            f"(micro_batch {micro_batch} x {world_size} ranks); hold out more documents or lower seq_len"
+        )
+
+    def window(j: int) -> np.ndarray:
+        i = int(np.searchsorted(bounds, j, side="right") - 1)
+        return srcs[i].window(j - int(bounds[i]), shuffle=False)
+
+    for start in range(0, n, per_step):
+        first = start + rank * micro_batch
+        yield np.stack([window(j) for j in range(first, first + micro_batch)])
+
+
+def _check_tokenizers(stores: list[TokenStore], expected: str | None) -> None:
+    for st in stores:
+        got = st.manifest.tokenizer_sha256
+        want = expected or stores[0].manifest.tokenizer_sha256
+        if got != want:
+            raise DataError(
+                f"shards in {st.manifest.root} were built with tokenizer {got[:12]}, but this run uses "
+                f"tokenizer {want[:12]}: rebuild the shards with the run's tokenizer or use matching shards"
+            )
+
+
+def _fingerprint(parts: list[str], weights: Sequence[float] | None, split: str) -> str:
+    return hashlib.sha256(repr((parts, list(weights) if weights else None, split)).encode()).hexdigest()

@@ -1,0 +1,148 @@
+"""Small callbacks: throughput/MFU, TensorBoard, console lines, a progress bar."""
+
+from __future__ import annotations
+
+import resource
+import time
+
+import torch
+import torch.distributed as dist
+
+from lmforge.config import dump_yaml
+from lmforge.log import print0, progress_enabled
+from pretrain.trainer import Callback, Trainer
+
+# Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
+PEAK_FLOPS = {
+    "H200": 989e12,
+    "H100": 989e12,  # SXM; PCIe is 756e12
+    "A100": 312e12,
+    "L40S": 362e12,
+    "A10G": 125e12,
+    "V100": 125e12,  # fp16 tensor cores
+}
+
+
+def measured_cpu_flops(n: int = 512, seconds: float = 0.3) -> float:
+    """FLOP/s of this process's fp32 matmul (the CPU 'peak' for MFU; honours OMP_NUM_THREADS)."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b  # warm-up
+    reps, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        a @ b
+        reps += 1
+    return 2 * n**3 * reps / (time.perf_counter() - t0)
+
+
+def device_peak_flops(configured: float | None) -> tuple[float, str]:
+    """Per-device peak and where it came from (config, GPU table, or a CPU measurement)."""
+    if configured:
+        return configured, "config"
+    if torch.cuda.is_available():
+        name = torch.cuda.get_device_name()
+        for key, flops in PEAK_FLOPS.items():
+            if key in name:
+                return flops, f"table:{key}"
+        return 0.0, f"unknown GPU {name}: set metrics.peak_flops"
+    return measured_cpu_flops(), "measured CPU matmul"
+
+
+def peak_memory_gb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 1e9
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9  # Linux reports KiB
+
+
+class MetricsLogger(Callback):
+    """Aggregates steps over ``log_every`` and writes TensorBoard scalars and a console line.
+
+    Every rank takes part in the one all-reduce (peak memory); only rank 0 writes.
+    """
+
+    def __init__(self, log_dir: str | None, flops_per_token: float, peak_flops: float, peak_source: str):
+        self.log_dir = log_dir
+        self.flops_per_token, self.peak_flops, self.peak_source = flops_per_token, peak_flops, peak_source
+        self.writer = None
+        self._window: list[dict[str, float]] = []
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if trainer.dist.is_main and self.log_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(self.log_dir)
+            self.writer.add_text("config", "```yaml\n" + dump_yaml(trainer.cfg) + "\n```", trainer.state.step)
+        print0(f"MFU peak: {self.peak_flops / 1e12:.3f} TFLOP/s per device ({self.peak_source})")
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        self._window.append(metrics)
+        step = trainer.state.step
+        if step % trainer.cfg.train.log_every and step < trainer.cfg.train.max_steps:
+            return
+        scalars = self._aggregate(trainer)
+        if self.writer is not None:
+            for k, v in scalars.items():
+                self.writer.add_scalar(k, v, step)
+            self.writer.flush()
+        print0(
+            f"step {step:>6d} | loss {scalars.get('train/loss', float('nan')):.4f} | lr {scalars['train/lr']:.2e} | "
+            f"{scalars['train/tokens_per_sec']:,.0f} tok/s | mfu {scalars['train/mfu'] * 100:.2f}%"
+            + (f" | eval {scalars['eval/loss']:.4f}" if "eval/loss" in scalars else "")
+        )
+
+    def _aggregate(self, trainer: Trainer) -> dict[str, float]:
+        w, self._window = self._window, []
+        ok = [m for m in w if m["train/loss"] == m["train/loss"]]  # not NaN: skipped steps have no loss
+        seconds = sum(m["train/step_time"] for m in w)
+        tps = trainer.plan.tokens_per_step * len(w) / max(seconds, 1e-9)
+        out = {k: v for k, v in w[-1].items()}
+        if ok:
+            out["train/loss"] = sum(m["train/loss"] for m in ok) / len(ok)
+            norms = [m["train/grad_norm"] for m in ok if "train/grad_norm" in m]
+            if norms:
+                out["train/grad_norm"] = sum(norms) / len(norms)
+        out["train/step_time"] = seconds / len(w)
+        out["train/tokens_per_sec"] = tps
+        out["train/mfu"] = (
+            self.flops_per_token * tps / (self.peak_flops * trainer.dist.world_size) if self.peak_flops else 0.0
+        )
+        mem = torch.tensor([peak_memory_gb(trainer.dist.device)], device=trainer.dist.device)
+        if trainer.dist.world_size > 1:
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        out["sys/peak_mem_gb"] = float(mem)
+        for m in w:  # an evaluation inside the window is reported with it
+            out.update({k: v for k, v in m.items() if k.startswith("eval/")})
+        return {k: v for k, v in out.items() if v == v or k == "train/loss"}
+
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if self.writer is not None:
+            for k, v in metrics.items():
+                self.writer.add_scalar(k, v, trainer.state.step)
+            self.writer.flush()
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.writer is not None:
+            self.writer.close()
+            self.writer = None
+
+
+class ProgressBar(Callback):
+    """tqdm over optimizer steps, rank 0 only."""
+
+    def __init__(self, enabled: bool | None):
+        self.enabled = progress_enabled() if enabled is None else enabled
+        self.bar = None
+
+    def on_train_start(self, trainer: Trainer) -> None:
+        if self.enabled and trainer.dist.is_main:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=trainer.cfg.train.max_steps, initial=trainer.state.step, unit="step", dynamic_ncols=True)
+
+    def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        if self.bar is not None:
+            self.bar.update(1)
+            self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", refresh=False)
+
+    def on_train_end(self, trainer: Trainer) -> None:
+        if self.bar is not None:
+            self.bar.close()

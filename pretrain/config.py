@@ -1,0 +1,117 @@
+"""The pretraining config: one dataclass per component, nested into :class:`PretrainConfig`.
+
+YAML presets live in ``configs/pretrain/``; ``--section.key=value`` overrides any field. The config
+never changes after start-up: run state (step, tokens seen, loader cursor) lives in the trainer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from lmforge.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    """Architecture. ``kind`` picks the transformers class; the rest are its shape."""
+
+    kind: Literal["causal", "masked"] = "causal"  # LlamaForCausalLM | BertForMaskedLM
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 4
+    num_kv_heads: int | None = None  # grouped-query attention (causal only); None = num_heads
+    intermediate_size: int | None = None  # FFN width; None = SwiGLU 8/3·d rounded up to 64 (causal), 4·d (masked)
+    vocab_size: int | None = None  # None = take it from the tokenizer of the shards
+    max_seq_len: int = 2048  # position capacity (RoPE base length / BERT position embeddings)
+    rope_theta: float = 10000.0
+    tie_embeddings: bool = False  # share input embedding and LM head (causal)
+    dropout: float = 0.0  # BERT-style dropout (hidden + attention); Llama uses none
+    init_std: float = 0.02
+    mlm_probability: float = 0.15  # masked LM: fraction of tokens predicted (80% [MASK] / 10% random / 10% kept)
+    nominal_params: float | None = None  # the size the preset is named after, for --dry-run reports
+
+
+@dataclass
+class DataConfig:
+    shards: list[str] = field(default_factory=list)  # shard directories (python -m data_pipeline build)
+    weights: list[float] | None = None  # mixture weights, one per shard directory
+    seq_len: int = 256  # tokens per training sample
+    seed: int = 1234  # shuffling seed (the global sample order depends on it, not on the world size)
+    verify_shards: bool = True  # hash each shard before its first use
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-4  # peak learning rate
+    min_lr: float = 3e-5  # learning rate at the end of the decay
+    warmup_steps: int = 100
+    schedule: Literal["cosine", "linear", "constant"] = "cosine"  # decay after warm-up
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0  # max global grad norm (0 = off)
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 1000  # optimizer steps
+    max_tokens: int | None = None  # stop after this many training tokens (whichever comes first)
+    micro_batch_size: int = 8  # sequences per forward/backward per data-parallel rank
+    global_batch_size: int | None = None  # sequences per optimizer step; None = micro × ranks (no accumulation)
+    eval_every: int = 100  # steps between evaluations (0 = only at the end)
+    eval_samples: int = 256  # validation windows per evaluation
+    log_every: int = 10  # steps between TensorBoard/console logs
+    seed: int = 1234  # model init and dropout/masking RNG
+    activation_checkpointing: bool = False
+    max_skipped_steps: int = 10  # consecutive non-finite-loss steps that stop the run
+    progress: bool | None = None  # tqdm bar on rank 0; None = only on a terminal
+
+
+@dataclass
+class ZeroConfig:
+    stage: int = 0  # DeepSpeed ZeRO stage 0-3
+    offload_optimizer: bool = False  # optimizer states (and step) on CPU
+    offload_param: bool = False  # ZeRO-3 parameters on CPU
+    ds_config: str | None = None  # engine settings JSON; None = ds_configs/zero{stage}[_offload].json
+
+
+@dataclass
+class MetricsConfig:
+    peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None = table by GPU name, or measured matmul on CPU
+    tensorboard: bool = True
+
+
+@dataclass
+class PretrainConfig:
+    run_dir: str = "runs/default"
+    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+
+    def validate(self) -> None:
+        if self.zero.stage not in (0, 1, 2, 3):
+            raise ConfigError(f"zero.stage: expected 0, 1, 2 or 3, got {self.zero.stage}")
+        if self.zero.offload_param and self.zero.stage != 3:
+            raise ConfigError("zero.offload_param needs zero.stage=3")
+        if self.zero.offload_optimizer and self.zero.stage == 0:
+            raise ConfigError("zero.offload_optimizer needs zero.stage >= 1")
+        if self.data.weights is not None and len(self.data.weights) != len(self.data.shards):
+            raise ConfigError(
+                f"data.weights has {len(self.data.weights)} entries for {len(self.data.shards)} data.shards"
+            )
+        if self.data.seq_len > self.model.max_seq_len:
+            raise ConfigError(f"data.seq_len {self.data.seq_len} exceeds model.max_seq_len {self.model.max_seq_len}")
+        m = self.model
+        if m.hidden_size % m.num_heads:
+            raise ConfigError(f"model.hidden_size {m.hidden_size} is not divisible by model.num_heads {m.num_heads}")
+        if m.num_kv_heads and m.num_heads % m.num_kv_heads:
+            raise ConfigError(f"model.num_heads {m.num_heads} is not divisible by model.num_kv_heads {m.num_kv_heads}")
+        for name in ("max_steps", "micro_batch_size", "log_every"):
+            if getattr(self.train, name) <= 0:
+                raise ConfigError(f"train.{name}: must be positive")

@@ -1,0 +1,134 @@
+"""The DeepSpeed engine: batch arithmetic, precision and optimizer in one place.
+
+``ds_configs/*.json`` hold engine settings only (ZeRO stage, offload, buckets). Everything a
+recipe decides — batch sizes, precision, clipping, the optimizer and its schedule — comes from
+the typed config and is merged in here, so the two can never disagree.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lmforge.errors import ConfigError
+from pretrain.config import PretrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class BatchPlan:
+    micro_batch_per_rank: int  # sequences per forward/backward on one data-parallel rank
+    grad_accum_steps: int
+    dp_world: int
+    global_batch: int  # sequences per optimizer step, all ranks together
+    seq_len: int
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch * self.seq_len
+
+
+def batch_plan(cfg: PretrainConfig, dp_world: int) -> BatchPlan:
+    """global = micro × accumulation × ranks; anything else is an error naming the keys."""
+    micro = cfg.train.micro_batch_size
+    per_pass = micro * dp_world
+    global_batch = cfg.train.global_batch_size or per_pass
+    if global_batch % per_pass:
+        raise ConfigError(
+            f"train.global_batch_size {global_batch} is not divisible by train.micro_batch_size {micro} "
+            f"x {dp_world} data-parallel ranks = {per_pass}; change one of them"
+        )
+    return BatchPlan(micro, global_batch // per_pass, dp_world, global_batch, cfg.data.seq_len)
+
+
+def ds_config_path(cfg: PretrainConfig) -> Path:
+    if cfg.zero.ds_config:
+        return Path(cfg.zero.ds_config)
+    name = f"zero{cfg.zero.stage}_offload.json" if cfg.zero.offload_param else f"zero{cfg.zero.stage}.json"
+    return REPO / "ds_configs" / name
+
+
+def ds_config(cfg: PretrainConfig, plan: BatchPlan) -> dict[str, Any]:
+    path = ds_config_path(cfg)
+    if not path.is_file():
+        raise ConfigError(f"zero.ds_config: {path} not found")
+    try:
+        conf = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"zero.ds_config: {path} is not valid JSON ({e.msg}, line {e.lineno})") from None
+    owned = {"train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "optimizer",
+             "scheduler", "fp16", "bf16", "gradient_clipping"}
+    clash = sorted(owned & set(conf))
+    if clash:
+        raise ConfigError(f"{path} sets {', '.join(clash)}: batch sizes, precision, clipping and the optimizer come from the lmforge config")
+    zero = conf.setdefault("zero_optimization", {})
+    zero["stage"] = cfg.zero.stage
+    if cfg.zero.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if cfg.zero.offload_param:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    o = cfg.optim
+    conf.update(
+        train_batch_size=plan.global_batch,
+        train_micro_batch_size_per_gpu=plan.micro_batch_per_rank,
+        gradient_accumulation_steps=plan.grad_accum_steps,
+        gradient_clipping=o.grad_clip,
+        optimizer={
+            "type": "AdamW",
+            "params": {
+                "lr": o.lr,
+                "betas": [o.beta1, o.beta2],
+                "eps": o.eps,
+                "weight_decay": o.weight_decay,
+                # torch's AdamW needs no JIT-compiled op; offload uses DeepSpeedCPUAdam instead
+                "torch_adam": not cfg.zero.offload_optimizer,
+                "adam_w_mode": True,
+            },
+        },
+    )
+    if cfg.precision == "bf16":
+        conf["bf16"] = {"enabled": True}
+    elif cfg.precision == "fp16":
+        conf["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
+                        "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
+    return conf
+
+
+def lr_schedule(optimizer: torch.optim.Optimizer, cfg: PretrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then cosine/linear decay to ``min_lr`` (transformers' schedules, not hand-rolled)."""
+    from transformers.optimization import get_constant_schedule_with_warmup, get_wsd_schedule
+
+    o, steps = cfg.optim, cfg.train.max_steps
+    warmup = min(o.warmup_steps, steps)
+    if o.schedule == "constant":
+        return get_constant_schedule_with_warmup(optimizer, warmup)
+    return get_wsd_schedule(
+        optimizer,
+        num_warmup_steps=warmup,
+        num_decay_steps=max(steps - warmup, 1),
+        num_stable_steps=0,
+        decay_type=o.schedule,
+        min_lr_ratio=o.min_lr / o.lr if o.lr > 0 else 0.0,
+    )
+
+
+def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: BatchPlan):
+    """deepspeed.initialize with the merged config; returns the engine (optimizer and schedule inside)."""
+    import deepspeed
+
+    if cfg.train.activation_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    conf = ds_config(cfg, plan)
+    params = [p for p in model.parameters() if p.requires_grad]
+    engine, optimizer, _, _ = deepspeed.initialize(
+        model=model,
+        model_parameters=params,
+        config=conf,
+        lr_scheduler=lambda opt: lr_schedule(opt, cfg),
+    )
+    return engine

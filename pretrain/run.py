@@ -1,0 +1,99 @@
+"""Wiring: config → tokenizer, model, engine, loader, callbacks → ``Trainer.fit()``."""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from data_pipeline.loader import ShardLoader
+from lmforge.config import dump_yaml
+from lmforge.errors import DataError
+from lmforge.log import print0
+from pretrain.callbacks import MetricsLogger, ProgressBar, device_peak_flops
+from pretrain.cli import shard_tokenizer
+from pretrain.config import PretrainConfig
+from pretrain.dist import DistInfo, init_distributed, shutdown
+from pretrain.engine import batch_plan, build_engine, ds_config
+from pretrain.trainer import Callback, Trainer, TrainState
+
+
+def special_ids(tok, kind: str) -> dict[str, int]:
+    ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "unk": tok.unk_id}
+    if kind == "masked":
+        mask = tok.token_to_id("<mask>")
+        if mask is None:
+            raise DataError(
+                "a masked LM needs a '<mask>' token: train the tokenizer with --extra-special-tokens '<mask>'"
+            )
+        ids["mask"] = mask
+    return ids
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def prepare_run_dir(cfg: PretrainConfig, tok, info: DistInfo) -> Path:
+    run_dir = Path(cfg.run_dir)
+    if info.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.yaml").write_text(dump_yaml(cfg))
+        tok.save(run_dir / "tokenizer")
+    return run_dir
+
+
+def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] | None = None) -> Trainer:
+    """Everything a run needs, ready for ``fit()`` (checkpoint restore hooks in before fit)."""
+    from pretrain.model import build_model, flops_per_token
+
+    tok = shard_tokenizer(cfg)
+    ids = special_ids(tok, cfg.model.kind)
+    run_dir = prepare_run_dir(cfg, tok, info)
+    plan = batch_plan(cfg, info.world_size)
+    seed_everything(cfg.train.seed)  # identical initial weights on every rank
+    with _init_context(cfg, plan):
+        model = build_model(cfg.model, tok.vocab_size, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
+                            mask_id=ids.get("mask"))
+    engine = build_engine(model, cfg, plan)
+    loader = ShardLoader(
+        cfg.data.shards, cfg.data.seq_len, plan.micro_batch_per_rank, seed=cfg.data.seed, rank=info.rank,
+        world_size=info.world_size, weights=cfg.data.weights, tokenizer_sha256=tok.fingerprint,
+        verify=cfg.data.verify_shards,
+    )
+    peak, source = device_peak_flops(cfg.metrics.peak_flops)
+    fpt = flops_per_token(cfg.model, tok.vocab_size, cfg.data.seq_len)
+    log_dir = str(run_dir / "tensorboard") if cfg.metrics.tensorboard else None
+    callbacks: list[Callback] = [MetricsLogger(log_dir, fpt, peak, source), ProgressBar(cfg.train.progress)]
+    callbacks += extra_callbacks or []
+    print0(
+        f"run {run_dir}: {cfg.model.kind} model, {sum(p.numel() for p in model.parameters()):,} params (rank-local view), "
+        f"{info.world_size} rank(s), ZeRO-{cfg.zero.stage}, {cfg.precision}, global batch {plan.global_batch} x "
+        f"{plan.seq_len} tokens (micro {plan.micro_batch_per_rank} x accum {plan.grad_accum_steps} x {plan.dp_world} ranks)"
+    )
+    return Trainer(cfg, engine, loader, info, plan, ids, callbacks, tokenizer_sha256=tok.fingerprint)
+
+
+def _init_context(cfg: PretrainConfig, plan):
+    """ZeRO-3 builds the model already partitioned, so no rank ever holds all the weights."""
+    if cfg.zero.stage != 3:
+        return contextlib.nullcontext()
+    import deepspeed
+
+    return deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, plan))
+
+
+def run(cfg: PretrainConfig) -> TrainState:
+    info = init_distributed()
+    try:
+        trainer = build(cfg, info)
+        state = trainer.fit()
+        print0(f"done: {state.step} steps, {state.tokens_seen:,} tokens, {state.skipped_steps} skipped → {cfg.run_dir}")
+        return state
+    finally:
+        shutdown()

@@ -1,0 +1,135 @@
+"""Pretraining with real DeepSpeed engines on CPU (gloo), single process and torchrun with 2 ranks."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from conftest import read_scalars, run_stage, stage_env
+
+TINY = "configs/pretrain/tiny.yaml"
+
+
+def _args(run_dir, shards, *extra: str) -> list[str]:
+    return [TINY, f"--run_dir={run_dir}", f"--data.shards=[{shards}]", "--train.log_every=1",
+            "--train.eval_every=5", "--train.eval_samples=16", "--data.seq_len=64", *extra]
+
+
+def _losses(run_dir) -> np.ndarray:
+    return np.array([v for _, v in read_scalars(run_dir)["train/loss"]])
+
+
+@pytest.fixture(scope="module")
+def zero_runs(tmp_path_factory, shards_dir):
+    """10 steps of the tiny model on 2 ranks for every ZeRO stage x {fp32, bf16}."""
+    runs = {}
+    for precision in ("fp32", "bf16"):
+        for stage in (0, 1, 2, 3):
+            rd = tmp_path_factory.mktemp(f"z{stage}{precision}")
+            run_stage("pretrain", _args(rd, shards_dir, "--train.max_steps=10", f"--zero.stage={stage}",
+                                        f"--precision={precision}", "--train.micro_batch_size=4"), nproc=2)
+            runs[stage, precision] = rd
+    return runs
+
+
+def test_zero_stages_and_precisions_give_the_same_curve(zero_runs):
+    ref = _losses(zero_runs[0, "fp32"])
+    assert len(ref) == 10 and np.all(np.isfinite(ref))
+    assert ref[-1] < ref[0] - 0.3  # it learns
+    for (stage, precision), rd in zero_runs.items():
+        got = _losses(rd)
+        tol = 1e-4 if precision == "fp32" else 5e-2
+        np.testing.assert_allclose(got, ref, rtol=0, atol=tol, err_msg=f"ZeRO-{stage} {precision}")
+
+
+def test_tensorboard_holds_every_metric(zero_runs):
+    rd = zero_runs[2, "bf16"]
+    tags = read_scalars(rd)
+    for tag in ["train/loss", "train/lr", "train/grad_norm", "train/tokens_per_sec", "train/mfu",
+                "train/tokens_seen", "train/step_time", "train/skipped_steps", "eval/loss", "eval/ppl",
+                "sys/peak_mem_gb"]:
+        assert tag in tags, f"{tag} missing from {sorted(tags)}"
+    assert [s for s, _ in tags["train/loss"]] == list(range(1, 11))
+    assert tags["train/tokens_seen"][-1][1] == 10 * 4 * 2 * 64  # steps x micro x ranks x seq_len
+    eval_loss = dict(tags["eval/loss"])
+    assert set(eval_loss) == {5, 10}
+    assert math.isclose(dict(tags["eval/ppl"])[10], math.exp(eval_loss[10]), rel_tol=1e-5)
+    assert 0 < tags["train/mfu"][-1][1] < 1
+    lrs = [v for _, v in tags["train/lr"]]
+    assert lrs[0] < lrs[2]  # warm-up
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(rd / "tensorboard"))
+    acc.Reload()
+    assert any("config" in t for t in acc.Tags()["tensors"])  # the resolved config, as text
+    assert (rd / "config.yaml").is_file() and (rd / "tokenizer" / "tokenizer.model").is_file()
+
+
+def test_fp16_trains_with_dynamic_loss_scale(tmp_path, shards_dir):
+    run_stage("pretrain", _args(tmp_path, shards_dir, "--train.max_steps=6", "--precision=fp16", "--zero.stage=2"))
+    tags = read_scalars(tmp_path)
+    assert np.all(np.isfinite(_losses(tmp_path)))
+    assert tags["train/loss_scale"][-1][1] >= 1
+
+
+def test_gradient_accumulation_matches_a_large_micro_batch(tmp_path, shards_dir):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--train.max_steps=5", "--precision=fp32", "--train.global_batch_size=4"]
+    run_stage("pretrain", _args(a, shards_dir, *common, "--train.micro_batch_size=1"))
+    run_stage("pretrain", _args(b, shards_dir, *common, "--train.micro_batch_size=4"))
+    np.testing.assert_allclose(_losses(a), _losses(b), rtol=0, atol=1e-4)
+
+
+def test_masked_lm_trains(tmp_path, shards_dir):
+    run_stage("pretrain", _args(tmp_path, shards_dir, "--model.kind=masked", "--train.max_steps=25",
+                                "--optim.lr=2e-3", "--optim.warmup_steps=2", "--precision=fp32"))
+    losses = _losses(tmp_path)
+    assert np.all(np.isfinite(losses)) and losses[-5:].mean() < losses[:5].mean() - 0.3
+    assert "eval/loss" in read_scalars(tmp_path)
+
+
+def test_nan_loss_on_one_rank_skips_that_step_on_both(tmp_path, shards_dir):
+    args = _args(tmp_path, shards_dir, "--train.max_steps=6", "--precision=fp32", "--zero.stage=2")
+    proc = run_stage("pretrain", args, nproc=2, env=stage_env(LMFORGE_INJECT_NAN="3@1"))
+    tags = read_scalars(tmp_path)
+    skipped = dict(tags["train/skipped_steps"])
+    assert skipped[2] == 0 and skipped[3] == 1 and skipped[6] == 1
+    assert math.isnan(dict(tags["train/loss"])[3])
+    lr = dict(tags["train/lr"])
+    assert lr[3] == lr[2]  # the optimizer (and its schedule) did not step
+    assert "done: 6 steps" in proc.stdout
+    # K consecutive non-finite steps stop the run with a clear error on every rank
+    bad = run_stage("pretrain", [*args, "--train.max_skipped_steps=2", f"--run_dir={tmp_path / 'b'}"], nproc=2,
+                    env=stage_env(LMFORGE_INJECT_NAN="2,3,4@0"), check=False)
+    assert bad.returncode != 0
+    assert "2 consecutive steps had a non-finite loss" in bad.stderr
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--train.bogus=1", "unknown config key 'train.bogus'"),
+        ("--train.global_batch_size=10", "train.global_batch_size 10 is not divisible by train.micro_batch_size 4"),
+        ("--model.vocab_size=999", "model.vocab_size 999 does not match"),
+    ],
+)
+def test_bad_config_is_one_line_and_nonzero(tmp_path, shards_dir, override, message):
+    proc = run_stage("pretrain", _args(tmp_path, shards_dir, "--train.micro_batch_size=4", override), check=False)
+    lines = [ln for ln in proc.stderr.strip().splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr[-2000:]
+
+
+def test_missing_shards_is_a_clear_error(tmp_path):
+    proc = run_stage("pretrain", [TINY, f"--run_dir={tmp_path}", f"--data.shards=[{tmp_path / 'nope'}]"], check=False)
+    assert proc.returncode == 2 and f"shard directory {tmp_path / 'nope'} does not exist" in proc.stderr
+
+
+@pytest.mark.parametrize("preset, nominal", [("1b3", 1.3e9), ("7b", 6.74e9), ("bert-base", 110e6)])
+def test_dry_run_reports_size_flops_and_memory(preset, nominal):
+    proc = run_stage("pretrain", [f"configs/pretrain/{preset}.yaml", "--dry-run", "--ranks=8"])
+    line = next(ln for ln in proc.stdout.splitlines() if ln.startswith("n_params:"))
+    n = int(line.split(":")[1].replace(",", ""))
+    assert abs(n - nominal) / nominal < 0.03
+    assert "flops_per_token" in proc.stdout and "zero3" in proc.stdout
