@@ -55,6 +55,11 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
+        scalar = getattr(tp, "__scalar_field__", None)
+        if scalar and not isinstance(value, dict):
+            value = {scalar: value}  # `--resume=auto` sets the section's main field
+        elif scalar and "" in value:
+            value = {**{k: v for k, v in value.items() if k}, scalar: value[""]}
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
@@ -153,10 +158,14 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     for p in parts[:-1]:
         child = node.get(p)
         if not isinstance(child, dict):
-            child = {}
+            # a bare value given earlier (`--resume=auto`) is kept under "" for the section's main field
+            child = {} if child is None else {"": child}
             node[p] = child
         node = child
-    node[parts[-1]] = value
+    if isinstance(node.get(parts[-1]), dict) and not isinstance(value, dict):
+        node[parts[-1]][""] = value
+    else:
+        node[parts[-1]] = value
 
 
 def parse_overrides(args: Sequence[str]) -> dict[str, Any]:
@@ -190,6 +199,10 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         if isinstance(v, dict) and isinstance(out.get(k), dict):
             out[k] = merge(out[k], v)
+        elif isinstance(v, dict) and k in out and out[k] is not None:
+            out[k] = {"": out[k], **v}  # a section's bare value in the preset, keys from overrides
+        elif isinstance(out.get(k), dict) and not isinstance(v, dict):
+            out[k] = {**out[k], "": v}
         else:
             out[k] = v
     return out

@@ -69,7 +69,9 @@ class MetricsLogger(Callback):
         if trainer.dist.is_main and self.log_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(self.log_dir)
+            # On resume, events a crashed run logged after its checkpoint are purged: one continuous curve.
+            purge = trainer.state.step + 1 if trainer.state.step else None
+            self.writer = SummaryWriter(self.log_dir, purge_step=purge)
             self.writer.add_text("config", "```yaml\n" + dump_yaml(trainer.cfg) + "\n```", trainer.state.step)
         print0(f"MFU peak: {self.peak_flops / 1e12:.3f} TFLOP/s per device ({self.peak_source})")
 

@@ -84,6 +84,25 @@ class MetricsConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    interval_steps: int = 0  # save every N steps (0 = off)
+    interval_minutes: float = 0.0  # also save when this much wall time passed since the last save (0 = off)
+    keep_last: int = 3  # most recent checkpoints kept; older ones are deleted after a newer one completes
+    keep_every: int = 0  # additionally keep every checkpoint whose step is a multiple of this (0 = none)
+    save_final: bool = True  # save when training ends (max_steps / max_tokens reached)
+    on_signal: bool = True  # SIGUSR1/SIGTERM → save at the next step boundary and exit cleanly
+
+
+@dataclass
+class ResumeConfig:
+    """``--resume=auto|none|PATH``: auto continues from checkpoints/latest when the run has one."""
+
+    __scalar_field__ = "mode"
+    mode: str = "auto"  # auto | none (refuse to reuse a run dir with checkpoints) | path to a run dir or step dir
+    allow_data_change: bool = False  # resume even though the shards' fingerprint changed
+
+
+@dataclass
 class PretrainConfig:
     run_dir: str = "runs/default"
     precision: Literal["bf16", "fp16", "fp32"] = "bf16"
@@ -93,6 +112,8 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     zero: ZeroConfig = field(default_factory=ZeroConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    resume: ResumeConfig = field(default_factory=ResumeConfig)
 
     def validate(self) -> None:
         if self.zero.stage not in (0, 1, 2, 3):

@@ -53,7 +53,7 @@ def ds_config_path(cfg: PretrainConfig) -> Path:
     return REPO / "ds_configs" / name
 
 
-def ds_config(cfg: PretrainConfig, plan: BatchPlan) -> dict[str, Any]:
+def ds_config(cfg: PretrainConfig, plan: BatchPlan, load_universal: bool = False) -> dict[str, Any]:
     path = ds_config_path(cfg)
     if not path.is_file():
         raise ConfigError(f"zero.ds_config: {path} not found")
@@ -91,6 +91,8 @@ def ds_config(cfg: PretrainConfig, plan: BatchPlan) -> dict[str, Any]:
             },
         },
     )
+    if load_universal:  # resuming a checkpoint written by another number of ranks
+        conf["checkpoint"] = {"load_universal": True}
     if cfg.precision == "bf16":
         conf["bf16"] = {"enabled": True}
     elif cfg.precision == "fp16":
@@ -117,14 +119,19 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg: PretrainConfig) -> torch.
     )
 
 
-def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: BatchPlan):
+def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: BatchPlan, load_universal: bool = False):
     """deepspeed.initialize with the merged config; returns the engine (optimizer and schedule inside)."""
     import deepspeed
 
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    conf = ds_config(cfg, plan)
-    params = [p for p in model.parameters() if p.requires_grad]
+    conf = ds_config(cfg, plan, load_universal)
+    # no weight decay on norms and biases (1-D tensors), as in GPT-3 / Llama
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    params = [
+        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
+        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+    ]
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=params,

@@ -13,6 +13,7 @@ from data_pipeline.loader import ShardLoader
 from lmforge.config import dump_yaml
 from lmforge.errors import DataError
 from lmforge.log import print0
+from pretrain.checkpoint import Checkpointer, resolve_resume, restore
 from pretrain.callbacks import MetricsLogger, ProgressBar, device_peak_flops
 from pretrain.cli import shard_tokenizer
 from pretrain.config import PretrainConfig
@@ -60,7 +61,8 @@ def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] |
     with _init_context(cfg, plan):
         model = build_model(cfg.model, tok.vocab_size, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
                             mask_id=ids.get("mask"))
-    engine = build_engine(model, cfg, plan)
+    target = resolve_resume(cfg, info.world_size)
+    engine = build_engine(model, cfg, plan, load_universal=bool(target and target.universal))
     loader = ShardLoader(
         cfg.data.shards, cfg.data.seq_len, plan.micro_batch_per_rank, seed=cfg.data.seed, rank=info.rank,
         world_size=info.world_size, weights=cfg.data.weights, tokenizer_sha256=tok.fingerprint,
@@ -69,14 +71,17 @@ def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] |
     peak, source = device_peak_flops(cfg.metrics.peak_flops)
     fpt = flops_per_token(cfg.model, tok.vocab_size, cfg.data.seq_len)
     log_dir = str(run_dir / "tensorboard") if cfg.metrics.tensorboard else None
-    callbacks: list[Callback] = [MetricsLogger(log_dir, fpt, peak, source), ProgressBar(cfg.train.progress)]
+    callbacks: list[Callback] = [Checkpointer(cfg), MetricsLogger(log_dir, fpt, peak, source), ProgressBar(cfg.train.progress)]
     callbacks += extra_callbacks or []
     print0(
         f"run {run_dir}: {cfg.model.kind} model, {sum(p.numel() for p in model.parameters()):,} params (rank-local view), "
         f"{info.world_size} rank(s), ZeRO-{cfg.zero.stage}, {cfg.precision}, global batch {plan.global_batch} x "
         f"{plan.seq_len} tokens (micro {plan.micro_batch_per_rank} x accum {plan.grad_accum_steps} x {plan.dp_world} ranks)"
     )
-    return Trainer(cfg, engine, loader, info, plan, ids, callbacks, tokenizer_sha256=tok.fingerprint)
+    trainer = Trainer(cfg, engine, loader, info, plan, ids, callbacks, tokenizer_sha256=tok.fingerprint)
+    if target is not None:
+        restore(trainer, target)
+    return trainer
 
 
 def _init_context(cfg: PretrainConfig, plan):

@@ -64,6 +64,7 @@ class Trainer:
         self.tokenizer_sha256 = tokenizer_sha256
         self.state = TrainState()
         self.stop_requested = False  # a callback (e.g. a signal handler) may ask for a clean stop
+        self.preempted = False  # stopped by a signal: the job is expected to be requeued
         self._nan_steps = _parse_nan_hook(os.environ.get("LMFORGE_INJECT_NAN"), dist_info.rank)
         self._has_val = any(Manifest(s).tokens("val") > 0 for s in cfg.data.shards)
 
@@ -79,8 +80,8 @@ class Trainer:
                 cb.on_step_end(self, metrics)
             if self.stop_requested:
                 break
-        if self.cfg.train.eval_every == 0 or self.state.step % self.cfg.train.eval_every:
-            self.evaluate()  # always finish with a fresh evaluation
+        if not self.stop_requested and (self.cfg.train.eval_every == 0 or self.state.step % self.cfg.train.eval_every):
+            self.evaluate()  # finish with a fresh evaluation (not when stopping early for a signal)
         for cb in self.callbacks:
             cb.on_train_end(self)
         return self.state

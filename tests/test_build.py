@@ -116,8 +116,8 @@ def test_bad_inputs_give_clear_errors(tmp_path, tokenizer_dir, corpus_dir, capsy
     (empty / "a.txt").write_text("")
     with pytest.raises(DataError, match="no training tokens"):
         build_shards([str(empty)], tokenizer_dir, tmp_path / "o2")
-    with pytest.raises(DataError, match="seq-len 1000000 is longer than the data"):
-        build_shards([str(corpus_dir)], tokenizer_dir, tmp_path / "o3", seq_len=1_000_000)
+    with pytest.raises(DataError, match="seq-len 100000000 is longer than the data"):
+        build_shards([str(corpus_dir)], tokenizer_dir, tmp_path / "o3", seq_len=100_000_000)
     assert not (tmp_path / "o3" / "manifest.json").exists()
     with pytest.raises(DataError, match="does not fit --dtype uint16"):
         dtype_for_vocab(70_000, "uint16")
@@ -158,14 +158,15 @@ def test_inspect_and_verify_name_damaged_shards(tmp_path, corpus_dir, tokenizer_
     assert f"{last}:" in err and "truncated" in err and f"{missing}: missing" in err
 
 
-def test_cli_train_tokenizer_and_build_json_inputs(tmp_path):
+def test_cli_train_tokenizer_and_build_json_inputs(tmp_path, stdlib_files):
     """The CLI end to end on a JSONL corpus (tiny vocab to stay fast)."""
-    rows = [{"text": f"Document number {i}: the quick brown fox jumps over the lazy dog {i * 7}.\n"} for i in range(300)]
+    rows = [{"text": Path(f).read_text(errors="replace")} for f in stdlib_files[:300]]
+    rows = [r for r in rows if r["text"].strip()]
     (tmp_path / "c.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
     tok = tmp_path / "tok"
-    assert cli_main(["train-tokenizer", "--input", str(tmp_path / "c.jsonl"), "--vocab-size", "300", "--out", str(tok)]) == 0
+    assert cli_main(["train-tokenizer", "--input", str(tmp_path / "c.jsonl"), "--vocab-size", "600", "--out", str(tok)]) == 0
     assert cli_main(["build", "--input", str(tmp_path / "c.jsonl"), "--tokenizer", str(tok), "--out", str(tmp_path / "s"), "--workers", "2"]) == 0
-    assert Manifest(tmp_path / "s").data["splits"]["train"]["documents"] == 300
+    assert Manifest(tmp_path / "s").data["splits"]["train"]["documents"] == len(rows)
 
 
 def test_reading_runs_at_most_2w_batches_ahead_of_the_writer(tokenizer_dir):

@@ -18,6 +18,13 @@ class Optim:
 
 
 @dataclass
+class Resume:
+    __scalar_field__ = "mode"
+    mode: str = "auto"
+    allow_data_change: bool = False
+
+
+@dataclass
 class Cfg:
     name: str = "x"
     steps: int = 10
@@ -26,6 +33,7 @@ class Cfg:
     weights: list[float] | None = None
     optim: Optim = field(default_factory=Optim)
     flag: bool = False
+    resume: Resume = field(default_factory=Resume)
 
     def validate(self) -> None:
         if self.steps < 0:
@@ -89,3 +97,15 @@ def test_split_cli_and_overrides():
 def test_from_dict_int_to_float_and_back():
     cfg = from_dict(Cfg, {"optim": {"lr": 1}, "steps": 4.0})
     assert isinstance(cfg.optim.lr, float) and cfg.steps == 4
+
+
+def test_section_with_a_main_field_takes_a_bare_value(tmp_path):
+    cfg = load_config(Cfg, None, ["--resume=none", "--resume.allow_data_change=true"])
+    assert cfg.resume.mode == "none" and cfg.resume.allow_data_change
+    cfg = load_config(Cfg, None, ["--resume.allow_data_change=true", "--resume=runs/x/checkpoints/step_00000010"])
+    assert cfg.resume.mode.endswith("step_00000010") and cfg.resume.allow_data_change
+    preset = tmp_path / "p.yaml"
+    preset.write_text("resume: none\n")
+    cfg = load_config(Cfg, preset, ["--resume.allow_data_change=true"])
+    assert cfg.resume.mode == "none" and cfg.resume.allow_data_change
+    assert load_config(Cfg, None, []).resume.mode == "auto"

@@ -29,18 +29,21 @@ def test_windows_pack_across_documents_and_cover_each_epoch(shards_dir):
     ld = ShardLoader(shards_dir, seq_len=SEQ, micro_batch=1, seed=3)
     n = ld.samples_per_epoch
     assert n == (len(tokens) - 1) // SEQ
-    starts = []
-    for g in range(n):
-        w = ld.sample(g)
-        assert w.shape == (SEQ + 1,)
-        (hits,) = np.nonzero(tokens[: len(tokens) - SEQ][::SEQ] == w[0])
-        start = next(h * SEQ for h in hits if np.array_equal(tokens[h * SEQ : h * SEQ + SEQ + 1], w))
-        starts.append(start)
-    assert sorted(starts) == list(range(0, n * SEQ, SEQ))  # a permutation of all windows
-    assert starts != sorted(starts)  # ...that is shuffled
+    windows = np.stack([ld.sample(g) for g in range(n)])  # one epoch
+    order = ld.sources[0]._perm  # the epoch's permutation of window indices
+    assert sorted(order.tolist()) == list(range(n)) and not np.array_equal(order, np.arange(n))
+    for g in (0, 1, n // 2, n - 1):
+        start = int(order[g]) * SEQ
+        assert np.array_equal(windows[g], tokens[start : start + SEQ + 1])
+    # consecutive windows overlap by one token: every token is a target once per epoch
+    w0, w1 = ld.sources[0].window(0, shuffle=False), ld.sources[0].window(1, shuffle=False)
+    assert w0[-1] == w1[0]
     # windows cross document boundaries: some window holds an EOS that is not its last token
     eos = Manifest(shards_dir).eos_id
-    assert any((ld.sample(g)[:-1] == eos).any() for g in range(n))
+    assert (windows[:, :-1] == eos).any()
+    # the next epoch is another permutation
+    ld.sample(n)
+    assert not np.array_equal(ld.sources[0]._perm, order)
 
 
 def test_order_depends_on_seed_only(shards_dir):
@@ -52,6 +55,7 @@ def test_order_depends_on_seed_only(shards_dir):
 
 
 def test_rank_split_equals_single_rank_and_resume_is_exact(shards_dir):
+    SEQ = 8192  # few samples per epoch, so the test crosses an epoch boundary
     one = ShardLoader(shards_dir, SEQ, micro_batch=4, seed=0)
     ranks = [ShardLoader(shards_dir, SEQ, micro_batch=2, seed=0, rank=r, world_size=2) for r in range(2)]
     for _ in range(7):

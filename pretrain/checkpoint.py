@@ -1,0 +1,347 @@
+"""Sharded checkpoints: save, rotate, find, convert across world sizes, restore.
+
+Layout (``RUN_DIR/checkpoints/``)::
+
+    step_00000100/          DeepSpeed's own files (each rank writes its ZeRO partition)
+        rng_rank00000.pt    per-rank python/numpy/torch RNG states (DeepSpeed saves none)
+        trainer_state.json  written by rank 0 after every rank finished: the completeness marker
+    step_00000100_universal/  made on demand when resuming on another number of ranks
+    latest                  the tag of the newest complete checkpoint, written last (fsync + rename)
+
+A checkpoint without ``trainer_state.json`` (a save killed half-way) is never loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+import lmforge
+from data_pipeline.shards import atomic_write_text, fsync_dir
+from lmforge.config import to_dict
+from lmforge.errors import ConfigError, LmforgeError
+from lmforge.log import print0
+from pretrain.config import PretrainConfig
+
+CKPT = "checkpoints"
+LATEST = "latest"
+STATE = "trainer_state.json"
+UNIVERSAL_DONE = "lmforge_universal_complete"
+
+
+class CheckpointError(LmforgeError):
+    """A checkpoint that cannot or must not be resumed from."""
+
+
+def step_tag(step: int) -> str:
+    return f"step_{step:08d}"
+
+
+def is_complete(step_dir: Path) -> bool:
+    return (step_dir / STATE).is_file()
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete step directories, oldest first."""
+    root = Path(run_dir) / CKPT
+    if not root.is_dir():
+        return []
+    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit()]
+    return sorted((d for d in dirs if is_complete(d)), key=lambda d: int(d.name[5:]))
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    """The checkpoint ``latest`` names; if it is unusable, the newest complete one (said aloud)."""
+    root = Path(run_dir) / CKPT
+    complete = complete_checkpoints(run_dir)
+    latest = root / LATEST
+    if latest.is_file():
+        target = root / latest.read_text().strip()
+        if is_complete(target):
+            newer = [d for d in root.glob("step_*") if d.is_dir() and not d.name.endswith("_universal")
+                     and d.name > target.name and not is_complete(d)]
+            for d in newer:
+                print0(f"ignoring incomplete checkpoint {d} (the save was interrupted); resuming from {target.name}")
+            return target
+        print0(f"{latest} names {target.name}, which is incomplete; falling back to the newest complete checkpoint")
+    return complete[-1] if complete else None
+
+
+def read_state(step_dir: Path) -> dict[str, Any]:
+    try:
+        return json.loads((step_dir / STATE).read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{step_dir / STATE} is unreadable ({e}); resume from another checkpoint") from None
+
+
+# ---------------------------------------------------------------- what to resume from
+@dataclass(frozen=True)
+class ResumeTarget:
+    step_dir: Path
+    state: dict[str, Any]
+    universal: bool  # saved by another number of ranks: load DeepSpeed's universal format
+
+    @property
+    def load_tag(self) -> str:
+        return self.step_dir.name + ("_universal" if self.universal else "")
+
+
+def resolve_resume(cfg: PretrainConfig, world_size: int) -> ResumeTarget | None:
+    mode = cfg.resume.mode
+    run_dir = Path(cfg.run_dir)
+    if mode == "none":
+        if complete_checkpoints(run_dir) or (run_dir / CKPT / LATEST).exists():
+            raise ConfigError(
+                f"--resume=none but {run_dir} already holds checkpoints: use --resume=auto to continue it, "
+                "or another --run_dir"
+            )
+        return None
+    if mode == "auto":
+        step_dir = latest_checkpoint(run_dir)
+        if step_dir is None:
+            return None
+    else:
+        p = Path(mode)
+        step_dir = latest_checkpoint(p) if (p / CKPT).is_dir() else p
+        if step_dir is None or not step_dir.is_dir():
+            raise ConfigError(f"--resume={mode}: no checkpoint there (give a run dir or a checkpoints/step_N dir)")
+        if not is_complete(step_dir):
+            raise CheckpointError(f"{step_dir} is incomplete (no {STATE}: its save was interrupted); pick another step")
+    state = read_state(step_dir)
+    _check_compatible(cfg, state, step_dir)
+    universal = state["world_size"] != world_size and state["zero_stage"] > 0
+    return ResumeTarget(step_dir, state, universal)
+
+
+def _check_compatible(cfg: PretrainConfig, state: dict[str, Any], step_dir: Path) -> None:
+    saved, now = state["model"], to_dict(cfg.model)
+    shape_keys = ("kind", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
+                  "tie_embeddings")
+    diff = [f"model.{k}: {saved.get(k)} → {now.get(k)}" for k in shape_keys if saved.get(k) != now.get(k)]
+    if diff:
+        raise CheckpointError(f"cannot resume {step_dir}: different model shape ({'; '.join(diff)})")
+    if state["zero_stage"] != cfg.zero.stage and (state["zero_stage"] == 0 or cfg.zero.stage == 0):
+        raise CheckpointError(
+            f"cannot resume {step_dir} (ZeRO-{state['zero_stage']}) with ZeRO-{cfg.zero.stage}: keep zero.stage"
+        )
+
+
+# ---------------------------------------------------------------- world-size change
+def ensure_universal(target: ResumeTarget, rank: int) -> None:
+    """Rank 0 converts the checkpoint with DeepSpeed's ds_to_universal (once, cached); others wait."""
+    out = target.step_dir.parent / target.load_tag
+    if rank == 0 and not (out / UNIVERSAL_DONE).is_file():
+        print0(f"checkpoint {target.step_dir.name} was written by {target.state['world_size']} rank(s): "
+               f"converting to DeepSpeed's universal format → {out.name}")
+        if out.exists():
+            shutil.rmtree(out)
+        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(target.step_dir),
+               "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
+        if target.state["zero_stage"] < 3:
+            cmd.append("--inject_missing_state")  # ZeRO-1/2 checkpoints lack the universal metadata
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+            raise CheckpointError(f"converting {target.step_dir} to universal format failed: {tail}")
+        # DeepSpeed reads the module/optimizer metadata files from the tag dir itself
+        for f in target.step_dir.iterdir():
+            if f.is_file() and not (out / f.name).exists():
+                shutil.copy2(f, out / f.name)
+        (out / UNIVERSAL_DONE).write_text("ok\n")
+        fsync_dir(out)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+# ---------------------------------------------------------------- RNG
+def rng_state() -> dict[str, Any]:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+
+
+def set_rng_state(s: dict[str, Any]) -> None:
+    random.setstate(s["python"])
+    np.random.set_state(s["numpy"])
+    torch.set_rng_state(s["torch"])
+    if s.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(s["cuda"])
+
+
+# ---------------------------------------------------------------- save
+def save(trainer, reason: str = "interval") -> Path:
+    """Every rank writes its shard; rank 0 then marks the checkpoint complete and moves ``latest``."""
+    cfg, info = trainer.cfg, trainer.dist
+    root = Path(cfg.run_dir) / CKPT
+    tag = step_tag(trainer.state.step)
+    step_dir = root / tag
+    t0 = time.time()
+    if info.is_main and step_dir.exists():  # a leftover of an interrupted save of the same step
+        shutil.rmtree(step_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    trainer.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
+    torch.save(rng_state(), step_dir / f"rng_rank{info.rank:05d}.pt")
+    _fsync_tree(step_dir, info.rank)
+    if dist.is_initialized():
+        dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+    if info.is_main:
+        state = {
+            **trainer.state_dict(),
+            "step": trainer.state.step,
+            "tokens_seen": trainer.state.tokens_seen,
+            "world_size": info.world_size,
+            "zero_stage": cfg.zero.stage,
+            "precision": cfg.precision,
+            "model": to_dict(cfg.model),
+            "tokenizer_sha256": trainer.tokenizer_sha256,
+            "manifest_fingerprint": trainer.loader.fingerprint,
+            "lmforge_version": lmforge.__version__,
+            "reason": reason,
+            "saved_at": time.time(),
+        }
+        atomic_write_text(step_dir / STATE, json.dumps(state, indent=1))
+        atomic_write_text(root / LATEST, tag + "\n")
+        rotate(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+    if dist.is_initialized():
+        dist.barrier()
+    print0(f"checkpoint {tag} saved ({reason}, {time.time() - t0:.1f}s)")
+    return step_dir
+
+
+def _fsync_tree(step_dir: Path, rank: int) -> None:
+    """fsync the files this rank wrote (DeepSpeed does not), so 'complete' means on disk."""
+    for f in step_dir.rglob("*"):
+        if f.is_file() and (f"rank_{rank}" in f.name or f"rank{rank:05d}" in f.name or rank == 0):
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(step_dir)
+
+
+def rotate(root: Path, keep_last: int, keep_every: int) -> None:
+    """Delete complete checkpoints beyond the newest ``keep_last`` (keeping multiples of ``keep_every``)."""
+    complete = complete_checkpoints(root.parent)
+    if keep_last <= 0:
+        return
+    for d in complete[:-keep_last]:
+        step = int(d.name[5:])
+        if keep_every and step % keep_every == 0:
+            continue
+        shutil.rmtree(d, ignore_errors=True)
+        shutil.rmtree(d.parent / (d.name + "_universal"), ignore_errors=True)
+
+
+# ---------------------------------------------------------------- restore
+def restore(trainer, target: ResumeTarget) -> None:
+    """Load weights, optimizer, schedule, loader position and RNG from ``target``."""
+    cfg, info = trainer.cfg, trainer.dist
+    state = target.state
+    if state["tokenizer_sha256"] != trainer.tokenizer_sha256:
+        raise CheckpointError(
+            f"cannot resume {target.step_dir}: it was trained with tokenizer {state['tokenizer_sha256'][:12]}, "
+            f"the shards use {trainer.tokenizer_sha256[:12]}"
+        )
+    if state["manifest_fingerprint"] != trainer.loader.fingerprint and not cfg.resume.allow_data_change:
+        raise CheckpointError(
+            f"cannot resume {target.step_dir}: the shards changed since it was saved (fingerprint differs); "
+            "pass --resume.allow_data_change=true to continue on the new data"
+        )
+    if target.universal:
+        ensure_universal(target, info.rank)
+    load_path, _ = trainer.engine.load_checkpoint(
+        str(target.step_dir.parent), tag=target.load_tag, load_module_strict=True,
+        load_optimizer_states=True, load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {target.step_dir}; its files may be damaged")
+    trainer.load_state_dict(state, allow_data_change=cfg.resume.allow_data_change)
+    rng_file = target.step_dir / f"rng_rank{info.rank:05d}.pt"
+    if not target.universal and rng_file.is_file():
+        set_rng_state(torch.load(rng_file, weights_only=False))
+    else:  # another world size: a fresh, reproducible stream per rank
+        seed = cfg.train.seed + 1000 * trainer.state.step + info.rank
+        random.seed(seed)
+        np.random.seed(seed % 2**32)
+        torch.manual_seed(seed)
+    how = f" (universal: {state['world_size']} → {info.world_size} ranks)" if target.universal else ""
+    print0(f"resumed from {target.step_dir} at step {trainer.state.step}, {trainer.state.tokens_seen:,} tokens{how}")
+
+
+# ---------------------------------------------------------------- when to save
+class Checkpointer:
+    """Callback: save every N steps / M minutes, at the end, and on SIGUSR1/SIGTERM (then stop).
+
+    A signal only sets a flag; the save happens at the next step boundary, after the flag is
+    all-reduced so that every rank saves the same step even if only one of them was signalled.
+    """
+
+    SIGNALS = ("SIGUSR1", "SIGTERM")
+
+    def __init__(self, cfg: PretrainConfig):
+        self.c = cfg.checkpoint
+        self.last_save_time = time.time()
+        self.last_saved_step = -1
+        self.signalled = False
+        self._previous: dict[int, Any] = {}
+
+    def on_train_start(self, trainer) -> None:
+        import signal
+
+        self.last_saved_step = trainer.state.step  # resuming: the restored step is already on disk
+        if self.c.on_signal:
+            for name in self.SIGNALS:
+                sig = getattr(signal, name)
+                self._previous[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.signalled = True
+
+    def _signal_anywhere(self, trainer) -> bool:
+        flag = torch.tensor([1.0 if self.signalled else 0.0], device=trainer.dist.device)
+        if trainer.dist.world_size > 1:
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
+
+    def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
+        step = trainer.state.step
+        if self.c.on_signal and self._signal_anywhere(trainer):
+            self._save(trainer, "signal")
+            trainer.stop_requested = True
+            trainer.preempted = True
+            return
+        due_steps = self.c.interval_steps and step % self.c.interval_steps == 0
+        due_time = bool(self.c.interval_minutes) and time.time() - self.last_save_time >= 60 * self.c.interval_minutes
+        if self.c.interval_minutes and trainer.dist.world_size > 1:  # clocks differ per rank: rank 0 decides
+            t = torch.tensor([1.0 if due_time else 0.0], device=trainer.dist.device)
+            dist.broadcast(t, src=0)
+            due_time = bool(t.item())
+        if due_steps or due_time:
+            self._save(trainer, "interval")
+
+    def on_eval_end(self, trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_train_end(self, trainer) -> None:
+        import signal
+
+        if self.c.save_final and not getattr(trainer, "preempted", False):
+            self._save(trainer, "final")
+        for sig, prev in self._previous.items():
+            signal.signal(sig, prev)
+
+    def _save(self, trainer, reason: str) -> None:
+        if trainer.state.step == self.last_saved_step:
+            return
+        save(trainer, reason)
+        self.last_saved_step = trainer.state.step
+        self.last_save_time = time.time()
