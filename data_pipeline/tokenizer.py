@@ -31,6 +31,7 @@ from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import sentencepiece as spm
+from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from lmforge.errors import ConfigError, DataError
@@ -49,6 +50,7 @@ _CHUNK_CHARS = 4096  # <= 4096 lattice nodes * |score| < ~60 keeps every sum far
 _SENTENCE_CHARS = 4096  # training "sentences" are cut to this (max_sentence_length is in bytes)
 _HF_NEVER = -float(2**20)  # HF score of control/byte pieces, so text like "<s>" never matches them
 _Piece = model_pb2.ModelProto.SentencePiece
+_BYTE_PIECE = re.compile("<0x[0-9A-F]{2}>")
 
 
 # ---------------------------------------------------------------- training
@@ -136,11 +138,11 @@ def train_tokenizer(
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=[LITERAL_SPACE_MARK],
             user_defined_symbols=[*_LAYOUT, *extras], required_chars=_REQUIRED_CHARS,
             max_sentence_length=4 * _SENTENCE_CHARS, num_threads=num_threads or DEFAULT_TRAIN_THREADS, minloglevel=2,
-        )  # fmt: skip
+        )
     except RuntimeError as e:
         msg = " ".join(str(e).split())
         raise DataError(f"train_tokenizer: SentencePiece failed on the sampled text ({msg}); "
-                        "use more text or a smaller vocab_size") from e  # fmt: skip
+                        "use more text or a smaller vocab_size") from e
     proto = model_pb2.ModelProto.FromString(buf.getvalue())
     _finalize_scores(proto)
     out = Path(out_dir)
@@ -156,7 +158,7 @@ def _check_extra_tokens(tokens: Sequence[str]) -> list[str]:
     tokens = [tokens] if isinstance(tokens, str) else list(tokens)
     specials = set(SPECIAL_TOKENS.values())
     for t in tokens:
-        if not isinstance(t, str) or not t or t in specials or t == LITERAL_SPACE_MARK:
+        if not isinstance(t, str) or not t or t in specials or t == LITERAL_SPACE_MARK or _BYTE_PIECE.fullmatch(t):
             raise ConfigError(f"extra_special_tokens: {t!r} is empty or already a reserved token")
         if any(c.isspace() or c in ",\0" or c == _SPACE for c in t):
             raise ConfigError(f"extra_special_tokens: {t!r} must not contain whitespace, ',', NUL or U+2581")
@@ -220,10 +222,10 @@ class Tokenizer:
         model = p / MODEL_FILE if p.is_dir() else p
         if not model.is_file():
             raise DataError(f"tokenizer not found: {p} (need a dir with {MODEL_FILE} or the .model file); "
-                            "train one with `lmforge-data train-tokenizer`")  # fmt: skip
+                            "train one with `lmforge-data train-tokenizer`")
         try:
             return cls(model, model.read_bytes(), num_threads)
-        except (OSError, RuntimeError, ValueError) as e:  # protobuf's DecodeError is a ValueError
+        except (OSError, RuntimeError, DecodeError) as e:
             raise DataError(f"cannot read tokenizer {model}: {' '.join(str(e).split())}; retrain or recopy it") from e
 
     def __reduce__(self):  # picklable (e.g. sent to worker processes) without re-reading the file
@@ -242,7 +244,7 @@ class Tokenizer:
         """Ids of each text; all chunks of all texts go to SentencePiece as one multi-threaded call."""
         plans = [self._plan(t) for t in texts]
         flat = [part for plan in plans for part in plan if isinstance(part, str)]
-        encoded = iter(self._sp.encode(flat)) if flat else iter(())
+        encoded = iter(self._encode_chunks(flat))
         out: list[list[int]] = []
         for plan in plans:
             if len(plan) == 1 and isinstance(plan[0], str):
@@ -256,6 +258,19 @@ class Tokenizer:
                     ids.append(part)
             out.append(ids)
         return out
+
+    def _encode_chunks(self, chunks: list[str]) -> list[list[int]]:
+        try:
+            return self._sp.encode(chunks) if chunks else []
+        except TypeError:
+            for c in chunks:
+                if isinstance(c, str) and not c.isascii():
+                    try:
+                        c.encode("utf-8")
+                    except UnicodeEncodeError as e:  # e.g. a JSON "\\ud800" escape: no UTF-8 form, no ids
+                        raise DataError(f"cannot tokenize text with a lone surrogate ({e.object[e.start]!r}); "
+                                        "replace invalid characters when reading the source") from e
+            raise
 
     def _plan(self, text: str) -> list[str | int]:
         """`text` as chunks to encode (str) and ids of the symbols between them (int)."""
@@ -359,7 +374,7 @@ def _hf_tokenizer(proto: model_pb2.ModelProto):
     else:
         ids = {n: i for i, n in enumerate(names)}
         model = models.BPE(vocab=ids, merges=_bpe_merges(proto, names, ids), unk_token=names[proto.trainer_spec.unk_id],
-                           byte_fallback=True)  # fmt: skip
+                           byte_fallback=True)
     tok = HFTokenizer(model)
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     symbols = [n for n, p in zip(names, proto.pieces) if p.type == _Piece.USER_DEFINED or n in (*_LAYOUT, _SPACE)]

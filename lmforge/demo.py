@@ -4,7 +4,9 @@ Stages, each skipped when its output is already complete (a re-run continues, it
   1. train a lossless SentencePiece tokenizer       → out/demo/tokenizer/
   2. tokenize into checksummed shards (2 workers)   → out/demo/shards/
   3. verify every shard's sha256                    (python -m data_pipeline inspect --verify)
-  4. pretrain the `small` model on 2 processes, ZeRO-2 bf16, TensorBoard → out/demo/runs/small/
+  4. pretrain the `small` model on 2 processes, ZeRO-2 bf16, TensorBoard, checkpoints
+     → out/demo/runs/small/; the run is killed (SIGKILL) after its first checkpoint and resumed
+  5. export to Hugging Face format and generate a sample with transformers' pipeline
 """
 
 from __future__ import annotations
@@ -58,15 +60,66 @@ def main(argv: list[str] | None = None) -> int:
         py, "-m", "data_pipeline", "build", "--tokenizer", str(tok), "--out", str(shards), "--workers", "2",
         "--shard-tokens", str(1 << 21), "--val-docs", "100", "--val-every", "20", "--seq-len", "256"], env)
     times["verify"] = _run("verify the shards", [py, "-m", "data_pipeline", "inspect", str(shards), "--verify"], env)
+    every = max(1, args.steps // 4)
     pre = ["configs/pretrain/small.yaml", f"--run_dir={run_dir}", f"--data.shards=[{shards}]",
-           f"--train.max_steps={args.steps}", "--zero.stage=2", "--precision=bf16"]
+           f"--train.max_steps={args.steps}", "--zero.stage=2", "--precision=bf16",
+           f"--checkpoint.interval_steps={every}", f"--train.eval_every={every}", "--train.log_every=10"]
     launcher = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "-m", "pretrain"]
-    times["pretrain"] = _run(f"pretrain `small` on {args.nproc} processes (ZeRO-2, bf16)", launcher + pre, env)
-    _summary(shards, run_dir, times)
+    title = f"pretrain `small` on {args.nproc} processes (ZeRO-2, bf16)"
+    if _finished(run_dir, args.steps):
+        print(f"\n==> {title}: {run_dir} already finished {args.steps} steps, re-used")
+    elif not (run_dir / "checkpoints" / "latest").exists():
+        times["pretrain (until killed)"] = _run_and_kill(title + " — killed after its first checkpoint", launcher + pre,
+                                                         env, run_dir / "checkpoints" / "latest")
+    if not _finished(run_dir, args.steps):
+        times["pretrain (resumed)"] = _run("resume from the latest checkpoint and finish", launcher + pre, env)
+    export_dir = run_dir / "export"
+    times["export"] = _run("export to Hugging Face format", [py, "-m", "pretrain.export", str(run_dir), "--out",
+                                                             str(export_dir)], env)
+    sample = _generate(export_dir)
+    _summary(shards, run_dir, times, sample)
     return 0
 
 
-def _summary(shards: Path, run_dir: Path, times: dict[str, float]) -> None:
+def _finished(run_dir: Path, steps: int) -> bool:
+    latest = run_dir / "checkpoints" / "latest"
+    if not latest.is_file():
+        return False
+    state = run_dir / "checkpoints" / latest.read_text().strip() / "trainer_state.json"
+    return state.is_file() and json.loads(state.read_text())["step"] >= steps
+
+
+def _run_and_kill(title: str, cmd: list[str], env: dict[str, str], marker: Path) -> float:
+    """Start the run, SIGKILL the whole process group once `marker` exists: a crash, on purpose."""
+    import signal
+
+    print(f"\n==> {title}\n    $ {' '.join(cmd)}", flush=True)
+    t0 = time.time()
+    proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
+    while proc.poll() is None and not marker.exists():
+        time.sleep(0.2)
+    if proc.poll() is None:
+        time.sleep(2)  # a couple more steps that the resumed run will redo exactly
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        print(f"    killed with SIGKILL after {marker.parent.joinpath(marker.read_text().strip()).name}", flush=True)
+    elif proc.returncode:
+        raise SystemExit(f"pretraining failed with exit code {proc.returncode}")
+    return time.time() - t0
+
+
+def _generate(export_dir: Path) -> str:
+    from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
+
+    tok = AutoTokenizer.from_pretrained(export_dir)
+    model = AutoModelForCausalLM.from_pretrained(export_dir)
+    gen = pipeline("text-generation", model=model, tokenizer=tok)
+    text = gen("def ", max_new_tokens=60, do_sample=True, temperature=0.7, top_p=0.9)[0]["generated_text"]
+    print("\n==> generated sample (prompt: 'def ')\n" + text)
+    return text
+
+
+def _summary(shards: Path, run_dir: Path, times: dict[str, float], sample: str) -> None:
     manifest = json.loads((shards / "manifest.json").read_text())
     rows = [("train tokens", f"{manifest['splits']['train']['tokens']:,}"),
             ("val tokens", f"{manifest['splits']['val']['tokens']:,}")]
@@ -83,7 +136,9 @@ def _summary(shards: Path, run_dir: Path, times: dict[str, float]) -> None:
     except Exception as e:  # the summary must not hide a finished run
         rows.append(("tensorboard", f"unreadable: {e}"))
     rows += [(f"time: {k}", f"{v:.0f}s") for k, v in times.items()]
-    rows += [("shards", str(shards)), ("run dir", str(run_dir)), ("monitor", f"tensorboard --logdir {run_dir.parent}")]
+    rows += [("shards", str(shards)), ("run dir", str(run_dir)), ("checkpoints", str(run_dir / "checkpoints")),
+             ("HF export", str(run_dir / "export")), ("monitor", f"tensorboard --logdir {run_dir.parent}"),
+             ("sample", repr(sample[:60]) + "…")]
     width = max(len(k) for k, _ in rows)
     print("\n==> summary")
     for k, v in rows:

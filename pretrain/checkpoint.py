@@ -320,6 +320,11 @@ class Checkpointer:
             trainer.stop_requested = True
             trainer.preempted = True
             return
+        exit_now = trainer.cfg.train.exit_interval and step % trainer.cfg.train.exit_interval == 0
+        if exit_now and step < trainer.cfg.train.max_steps:
+            self._save(trainer, "exit_interval")
+            trainer.stop_requested = True
+            return
         due_steps = self.c.interval_steps and step % self.c.interval_steps == 0
         due_time = bool(self.c.interval_minutes) and time.time() - self.last_save_time >= 60 * self.c.interval_minutes
         if self.c.interval_minutes and trainer.dist.world_size > 1:  # clocks differ per rank: rank 0 decides

@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 1234  # model init and dropout/masking RNG
     activation_checkpointing: bool = False
     max_skipped_steps: int = 10  # consecutive non-finite-loss steps that stop the run
+    exit_interval: int = 0  # checkpoint and stop when the step is a multiple of this (chained jobs, tests); 0 = off
     progress: bool | None = None  # tqdm bar on rank 0; None = only on a terminal
 
 

@@ -125,6 +125,13 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: BatchPlan, l
 
     if cfg.train.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    from deepspeed.accelerator import get_accelerator
+
+    if cfg.precision == "fp16" and not get_accelerator().is_fp16_supported():
+        raise ConfigError(
+            f"precision=fp16 is not supported on this {get_accelerator().device_name()} device (DeepSpeed's CPU "
+            "accelerator needs hardware fp16, e.g. AVX512-FP16); use --precision=bf16 or fp32"
+        )
     conf = ds_config(cfg, plan, load_universal)
     # no weight decay on norms and biases (1-D tensors), as in GPT-3 / Llama
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import random
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from pretrain.callbacks import MetricsLogger, ProgressBar, device_peak_flops
 from pretrain.cli import shard_tokenizer
 from pretrain.config import PretrainConfig
 from pretrain.dist import DistInfo, init_distributed, shutdown
-from pretrain.engine import batch_plan, build_engine, ds_config
+from pretrain.engine import batch_plan, build_engine
 from pretrain.trainer import Callback, Trainer, TrainState
 
 
@@ -58,9 +57,10 @@ def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] |
     run_dir = prepare_run_dir(cfg, tok, info)
     plan = batch_plan(cfg, info.world_size)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
-    with _init_context(cfg, plan):
-        model = build_model(cfg.model, tok.vocab_size, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
-                            mask_id=ids.get("mask"))
+    # The full model is built on every rank and partitioned by deepspeed.initialize, so every ZeRO
+    # stage starts from the same weights (zero.Init would partition at construction, with another init).
+    model = build_model(cfg.model, tok.vocab_size, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
+                        mask_id=ids.get("mask"))
     target = resolve_resume(cfg, info.world_size)
     engine = build_engine(model, cfg, plan, load_universal=bool(target and target.universal))
     loader = ShardLoader(
@@ -82,15 +82,6 @@ def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] |
     if target is not None:
         restore(trainer, target)
     return trainer
-
-
-def _init_context(cfg: PretrainConfig, plan):
-    """ZeRO-3 builds the model already partitioned, so no rank ever holds all the weights."""
-    if cfg.zero.stage != 3:
-        return contextlib.nullcontext()
-    import deepspeed
-
-    return deepspeed.zero.Init(config_dict_or_path=ds_config(cfg, plan))
 
 
 def run(cfg: PretrainConfig) -> TrainState:

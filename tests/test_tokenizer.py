@@ -58,7 +58,7 @@ def trained(request, tmp_path_factory, docs) -> Tokenizer:
     return train_tokenizer(
         iter(docs[::2]), out, VOCAB, request.param, sample_docs=150, extra_special_tokens=EXTRAS,
         max_sample_chars=1_500_000,
-    )  # fmt: skip
+    )
 
 
 def test_lossless_round_trip(trained, docs):
@@ -118,6 +118,11 @@ def test_literal_u2581_has_its_own_id(trained):
     assert trained.decode(trained.encode("a\u2581 b")) == "a\u2581 b"
 
 
+def test_lone_surrogate_is_a_data_error(trained):
+    with pytest.raises(DataError, match="surrogate"):
+        trained.encode_batch(["fine", "bad \ud800 text"])
+
+
 def test_load_by_model_file_save_copy_and_pickle(trained, tmp_path):
     again = Tokenizer.load(trained.model_path)
     assert again.fingerprint == trained.fingerprint
@@ -135,7 +140,7 @@ def test_load_by_model_file_save_copy_and_pickle(trained, tmp_path):
 def test_training_is_deterministic(tmp_path, docs, model_type):
     def fit(name: str, seed: int) -> Tokenizer:
         return train_tokenizer((d for d in docs[:80]), tmp_path / name, 700, model_type, sample_docs=40, seed=seed,
-                               max_sample_chars=400_000)  # fmt: skip
+                               max_sample_chars=400_000)
 
     a, b, c = fit("a", 0), fit("b", 0), fit("c", 1)
     assert a.fingerprint == b.fingerprint
@@ -174,7 +179,7 @@ def test_bad_training_arguments(tmp_path):
         train_tokenizer(iter(["x"]), tmp_path, 1000, "wordpiece")
     with pytest.raises(ConfigError, match="too small"):
         train_tokenizer(iter(["x"]), tmp_path, 300)
-    for bad in (["has space"], ["<s"], ["<s>"], ["<a>", "<a>"], [""]):
+    for bad in (["has space"], ["<s"], ["<s>"], ["<a>", "<a>"], [""], ["<0x41>"], ["a,b"]):
         with pytest.raises(ConfigError, match="extra_special_tokens"):
             train_tokenizer(iter(["x"]), tmp_path, 1000, extra_special_tokens=bad)
     with pytest.raises(DataError, match="empty"):
