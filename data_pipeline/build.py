@@ -79,7 +79,7 @@ _TOK: Tokenizer | None = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _TOK
-    _TOK = Tokenizer.load(tokenizer_path)
+    _TOK = Tokenizer.load(tokenizer_path, num_threads=1)  # W workers = W threads, no oversubscription
 
 
 def _encode(texts: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:

@@ -11,8 +11,8 @@ Why the training options look the way they do:
   the unigram lattice no longer gets SentencePiece's off-grid user-symbol bonus (see below).
 * SentencePiece decodes every ``▁`` (U+2581) as a space, so a literal U+2581 in a document would come
   back as a space. The wrapper cuts documents at it and emits a dedicated control id instead.
-* Exact Hugging Face parity for unigram: SentencePiece sums path scores in float32, `tokenizers` in
-  float64, so near-ties are resolved differently on long inputs. We round unigram scores to
+* Exact Hugging Face parity for unigram: SentencePiece keeps best-path scores in float32, `tokenizers`
+  in float64, so (near-)ties are resolved differently. We round unigram scores to
   multiples of 1/64 and encode in chunks of at most ``_CHUNK_CHARS`` characters, cut only where every
   segmentation has a boundary anyway (after ``\\n``, before a space that follows a non-space, next to
   a digit); then both sums are exact and both Viterbi passes break ties identically.
@@ -123,11 +123,12 @@ def train_tokenizer(
     extras = _check_extra_tokens(extra_special_tokens)
     reserved = len(SPECIAL_TOKENS) + 1 + len(_LAYOUT) + len(extras) + 256 + len(_REQUIRED_CHARS)
     if vocab_size <= reserved:
-        raise ConfigError(f"vocab_size: {vocab_size} is too small; special, byte and ASCII pieces alone take {reserved}")
+        raise ConfigError(f"vocab_size: {vocab_size} is too small; special, byte and ASCII pieces take {reserved}")
     sample = sample_documents(docs, sample_docs, max_sample_chars, seed)
     if not any(s.strip() for s in sample):
         raise DataError("train_tokenizer: the document stream is empty; check the inputs")
-    cut = re.compile("|".join(re.escape(t) for t in sorted([*_LAYOUT, *extras, _SPACE, "\0"], key=len, reverse=True)))
+    symbols = sorted([*_LAYOUT, *extras, _SPACE, "\0"], key=len, reverse=True)
+    cut = re.compile("|".join(map(re.escape, symbols)))
     buf = io.BytesIO()
     spm.set_random_generator_seed(seed)
     try:
@@ -137,7 +138,8 @@ def train_tokenizer(
             add_dummy_prefix=False, byte_fallback=True, allow_whitespace_only_pieces=True, split_digits=True,
             unk_id=0, bos_id=1, eos_id=2, pad_id=3, control_symbols=[LITERAL_SPACE_MARK],
             user_defined_symbols=[*_LAYOUT, *extras], required_chars=_REQUIRED_CHARS,
-            max_sentence_length=4 * _SENTENCE_CHARS, num_threads=num_threads or DEFAULT_TRAIN_THREADS, minloglevel=2,
+            max_sentence_length=4 * _SENTENCE_CHARS, num_threads=num_threads or DEFAULT_TRAIN_THREADS,
+            minloglevel=2,
         )
     except RuntimeError as e:
         msg = " ".join(str(e).split())
@@ -193,7 +195,8 @@ class Tokenizer:
         self._num_threads = num_threads
         self.fingerprint = hashlib.sha256(model_bytes).hexdigest()
         self._proto = model_pb2.ModelProto.FromString(model_bytes)
-        self._sp = spm.SentencePieceProcessor(model_proto=model_bytes, num_threads=-1 if num_threads is None else num_threads)
+        threads = -1 if num_threads is None else num_threads  # -1: SentencePiece uses every core
+        self._sp = spm.SentencePieceProcessor(model_proto=model_bytes, num_threads=threads)
         self.vocab_size = self._sp.get_piece_size()
         self.unk_id, self.bos_id = self._sp.unk_id(), self._sp.bos_id()
         self.eos_id, self.pad_id = self._sp.eos_id(), self._sp.pad_id()
@@ -226,7 +229,8 @@ class Tokenizer:
         try:
             return cls(model, model.read_bytes(), num_threads)
         except (OSError, RuntimeError, DecodeError) as e:
-            raise DataError(f"cannot read tokenizer {model}: {' '.join(str(e).split())}; retrain or recopy it") from e
+            msg = " ".join(str(e).split())
+            raise DataError(f"cannot read tokenizer {model}: {msg}; retrain or recopy it") from e
 
     def __reduce__(self):  # picklable (e.g. sent to worker processes) without re-reading the file
         return (Tokenizer, (self.model_path, self._bytes, self._num_threads))
@@ -373,8 +377,8 @@ def _hf_tokenizer(proto: model_pb2.ModelProto):
         model = models.Unigram(vocab, unk_id=proto.trainer_spec.unk_id, byte_fallback=True)
     else:
         ids = {n: i for i, n in enumerate(names)}
-        model = models.BPE(vocab=ids, merges=_bpe_merges(proto, names, ids), unk_token=names[proto.trainer_spec.unk_id],
-                           byte_fallback=True)
+        merges = _bpe_merges(proto, names, ids)
+        model = models.BPE(vocab=ids, merges=merges, unk_token=names[proto.trainer_spec.unk_id], byte_fallback=True)
     tok = HFTokenizer(model)
     tok.decoder = decoders.Sequence([decoders.ByteFallback(), decoders.Fuse()])
     symbols = [n for n, p in zip(names, proto.pieces) if p.type == _Piece.USER_DEFINED or n in (*_LAYOUT, _SPACE)]

@@ -34,6 +34,7 @@ from lmforge.config import to_dict
 from lmforge.errors import ConfigError, LmforgeError
 from lmforge.log import print0
 from pretrain.config import PretrainConfig
+from pretrain.engine import reapply_group_hparams
 
 CKPT = "checkpoints"
 LATEST = "latest"
@@ -155,10 +156,6 @@ def ensure_universal(target: ResumeTarget, rank: int) -> None:
         if proc.returncode != 0:
             tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
             raise CheckpointError(f"converting {target.step_dir} to universal format failed: {tail}")
-        # DeepSpeed reads the module/optimizer metadata files from the tag dir itself
-        for f in target.step_dir.iterdir():
-            if f.is_file() and not (out / f.name).exists():
-                shutil.copy2(f, out / f.name)
         (out / UNIVERSAL_DONE).write_text("ok\n")
         fsync_dir(out)
     if dist.is_initialized():
@@ -265,6 +262,7 @@ def restore(trainer, target: ResumeTarget) -> None:
     )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {target.step_dir}; its files may be damaged")
+    reapply_group_hparams(trainer.engine, cfg)
     trainer.load_state_dict(state, allow_data_change=cfg.resume.allow_data_change)
     rng_file = target.step_dir / f"rng_rank{info.rank:05d}.pt"
     if not target.universal and rng_file.is_file():

@@ -119,6 +119,19 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg: PretrainConfig) -> torch.
     )
 
 
+def group_hparams(cfg: PretrainConfig) -> tuple[dict[str, float], dict[str, float]]:
+    """Per-group settings of the two optimizer groups: (≥2-D weights, 1-D norms/biases)."""
+    return {"weight_decay": cfg.optim.weight_decay}, {"weight_decay": 0.0}
+
+
+def reapply_group_hparams(engine, cfg: PretrainConfig) -> None:
+    """DeepSpeed's ZeRO-3 universal load copies param group 0's settings into every group (so norms
+    would get weight decay after a world-size change); put each group's own settings back."""
+    groups = engine.optimizer.param_groups
+    for group, hp in zip(groups, group_hparams(cfg)):
+        group.update(hp)
+
+
 def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: BatchPlan, load_universal: bool = False):
     """deepspeed.initialize with the merged config; returns the engine (optimizer and schedule inside)."""
     import deepspeed
@@ -135,9 +148,10 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: BatchPlan, l
     conf = ds_config(cfg, plan, load_universal)
     # no weight decay on norms and biases (1-D tensors), as in GPT-3 / Llama
     trainable = [p for p in model.parameters() if p.requires_grad]
+    decay, no_decay = group_hparams(cfg)
     params = [
-        {"params": [p for p in trainable if p.ndim >= 2], "weight_decay": cfg.optim.weight_decay},
-        {"params": [p for p in trainable if p.ndim < 2], "weight_decay": 0.0},
+        {"params": [p for p in trainable if p.ndim >= 2], **decay},
+        {"params": [p for p in trainable if p.ndim < 2], **no_decay},
     ]
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,

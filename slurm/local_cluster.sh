@@ -38,11 +38,12 @@ T0=$SECONDS
 log() { echo "[local_cluster +$((SECONDS - T0))s] $*" >&2; }
 die() { echo "local_cluster: ERROR: $*" >&2; exit 1; }
 q() { timeout 10 "$@" 2>/dev/null; }   # a client call that cannot hang on a dead controller
-# A daemon is up when its pid file names a live process of the right name (PIDs get recycled).
+# A daemon is up when its pid file names a live (not zombie) process of the right name: PIDs get recycled.
 pidfile() { case $1 in munged) echo "$MDIR/munged.pid" ;; slurmctld) echo "$DIR/run/slurmctld.pid" ;;
                       *) echo "$DIR/run/slurmd-$1.pid" ;; esac; }
+running() { local s; s=$(cut -d' ' -f3 "/proc/$1/stat" 2>/dev/null) && [ -n "$s" ] && [ "$s" != Z ]; }
 up() {
-  local p; p=$(cat "$(pidfile "$1")" 2>/dev/null) && [ -n "$p" ] && kill -0 "$p" 2>/dev/null &&
+  local p; p=$(cat "$(pidfile "$1")" 2>/dev/null) && [ -n "$p" ] && running "$p" &&
     [ "$(cat "/proc/$p/comm" 2>/dev/null)" = "$(case $1 in munged|slurmctld) echo "$1" ;; *) echo slurmd ;; esac)" ]
 }
 
@@ -135,10 +136,10 @@ stop_pids() {  # NAME...: SIGTERM together, wait up to 10 s, then SIGKILL what i
   for n in "$@"; do up "$n" && pids+=("$(cat "$(pidfile "$n")")"); done
   [ ${#pids[@]} -eq 0 ] || kill -TERM "${pids[@]}" 2>/dev/null || true
   for _ in $(seq 100); do
-    left=0; for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && left=1; done
+    left=0; for p in "${pids[@]}"; do running "$p" && left=1; done
     [ $left = 0 ] && break; sleep 0.1
   done
-  for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && { log "force-killing $p"; kill -KILL "$p" || true; }; done
+  for p in "${pids[@]}"; do running "$p" && { log "force-killing $p"; kill -KILL "$p" || true; }; done
   for n in "$@"; do rm -f "$(pidfile "$n")"; done
 }
 
@@ -169,7 +170,10 @@ start() {
   [ ${#DIR} -le 64 ] || die "'$DIR' is ${#DIR} chars long; use a shorter --dir (unix socket path limit)"
   mkdir -p "$DIR"/{state,run,log} "$MDIR" "${NODES[@]/#/$DIR/spool/}"
   exec 9>"$DIR/.lock"; flock -w 300 9 || die "another start/stop holds $DIR/.lock"
-  if [ -f "$CONF" ] && show_status >/dev/null; then show_status; print_env; return 0; fi  # no-op
+  if [ -f "$CONF" ] && show_status >/dev/null; then   # already up: a no-op
+    [ $CLEAN = 0 ] || log "--clean ignored: the cluster is running (stop it first)"
+    show_status; print_env; return 0
+  fi
   # munged wants x for group and others on every directory above its socket
   chmod 711 "$MDIR"; chmod go+x "$DIR"
   local p=$DIR
@@ -227,8 +231,7 @@ stop() {
       for _ in $(seq 150); do [ -z "$(q squeue -h -t R,CG,CF,S -o %A)" ] && break; sleep 0.1; done
     fi
   fi
-  stop_pids "${NODES[@]}" slurmctld
-  stop_pids munged
+  stop_pids "${NODES[@]}" slurmctld munged   # together: each takes ~2 s to exit on SIGTERM
   rm -f "$MSOCK" "$MSOCK.lock"
   echo "local SLURM cluster stopped  (dir $DIR)"
 }

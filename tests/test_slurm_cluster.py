@@ -6,9 +6,8 @@ import subprocess
 import time
 from pathlib import Path
 
-import pytest
+import submitit
 from slurm_fixtures import SCRIPT, slurm_environ
-
 from submitit.slurm.slurm import SlurmInfoWatcher
 
 
@@ -76,15 +75,16 @@ def test_sbatch_inner_srun_and_sacct_states(slurm_cluster, tmp_path):
     script.write_text("#!/bin/bash\n#SBATCH -N2 -n2 -t 1\n"
                       "srun bash -c 'echo task $SLURM_PROCID on $SLURMD_NODENAME node $SLURM_NODEID'\n")
     out = tmp_path / "out-%j.txt"
-    # --wait: sbatch returns when the job has ended, with the job's exit code
-    ok = sh(slurm_cluster, "sbatch", "--parsable", "--wait", "-o", str(out), str(script)).stdout.strip()
-    bad = sh(slurm_cluster, "sbatch", "--parsable", "--wait", "-t", "1", "--wrap", "exit 3",
-             check=False).stdout.strip()
-    arr = sh(slurm_cluster, "sbatch", "--parsable", "--wait", "-t", "1", "--array=0-2", "--wrap", "true").stdout.strip()
+    ok = sh(slurm_cluster, "sbatch", "--parsable", "-o", str(out), str(script)).stdout.strip()
+    bad = sh(slurm_cluster, "sbatch", "--parsable", "-t", "1", "--wrap", "exit 3").stdout.strip()
+    arr = sh(slurm_cluster, "sbatch", "--parsable", "-t", "1", "--array=0-2", "--wrap", "true").stdout.strip()
+    ids = [ok, bad, *(f"{arr}_{i}" for i in range(3))]
+    # what submitit does: poll sacct until no job is in an unfinished state
+    unfinished = {"PENDING", "RUNNING", "COMPLETING", "CONFIGURING", "REQUEUED", "UNKNOWN"}
+    info = wait_for(lambda: (i := sacct_info(slurm_cluster, ok, bad, arr)) and
+                    all(j in i and i[j]["State"] not in unfinished for j in ids) and i, 30, "the jobs to end")
     lines = sorted(Path(str(out).replace("%j", ok)).read_text().splitlines())
     assert lines == ["task 0 on n1 node 0", "task 1 on n2 node 1"]
-
-    info = sacct_info(slurm_cluster, ok, bad, arr)
     assert info[ok] == {"JobID": ok, "State": "COMPLETED", "NodeList": "n[1-2]"}
     assert info[bad]["State"] == "FAILED"
     assert [info[f"{arr}_{i}"]["State"] for i in range(3)] == ["COMPLETED"] * 3
@@ -115,12 +115,13 @@ def test_requeue_restarts_job(slurm_cluster, tmp_path):
 
 
 def test_submitit_job_on_two_nodes(slurm_cluster, tmp_path, monkeypatch):
-    submitit = pytest.importorskip("submitit")
     for k, v in slurm_cluster.items():
         monkeypatch.setenv(k, v)
     ex = submitit.AutoExecutor(folder=tmp_path / "submitit", cluster="slurm")
     ex.update_parameters(nodes=2, tasks_per_node=1, timeout_min=2, slurm_partition="debug")
     job = ex.submit(lambda: (submitit.JobEnvironment().global_rank, submitit.JobEnvironment().hostname))
-    results = job.results()  # polls the sacct stand-in until the job is done
+    results = job.results()  # returns once the result files exist
     assert sorted(r[0] for r in results) == [0, 1]
-    assert job.state == "COMPLETED"
+    # the job's state as submitit reads it through the sacct stand-in
+    wait_for(lambda: job.watcher.get_state(job.job_id, mode="force") == "COMPLETED", 20, "COMPLETED")
+    assert job.done()
