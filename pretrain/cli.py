@@ -14,7 +14,6 @@ from pathlib import Path
 
 from lmforge.config import config_help, dump_yaml, load_config, split_cli
 from lmforge.errors import ConfigError, DataError, run_cli
-from lmforge.log import print0
 from pretrain.config import PretrainConfig
 
 USAGE = __doc__.strip().splitlines()[0].strip("`")
@@ -25,6 +24,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[PretrainConfig, set[str], in
     ranks = int(os.environ.get("WORLD_SIZE", "1"))
     rest = []
     for a in argv:  # --ranks=N is a dry-run option, not a config key
+        if a.startswith(("--local_rank=", "--local-rank=")):
+            continue  # the deepspeed launcher appends it; LOCAL_RANK in the environment says the same
         if a.startswith("--ranks="):
             ranks = int(a.split("=", 1)[1])
         else:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lmforge.config import load_config
-from lmforge.errors import LmforgeError, run_cli
+from lmforge.errors import run_cli
 from pretrain.checkpoint import CKPT, CheckpointError, is_complete, latest_checkpoint, read_state, step_tag
 from pretrain.config import PretrainConfig
 
@@ -123,8 +123,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 def cli() -> None:
     sys.exit(run_cli(main))
 
-
-__all__ = ["LmforgeError", "export", "fp32_state_dict", "main"]
 
 if __name__ == "__main__":
     cli()

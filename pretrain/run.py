@@ -12,8 +12,8 @@ from data_pipeline.loader import ShardLoader
 from lmforge.config import dump_yaml
 from lmforge.errors import DataError
 from lmforge.log import print0
-from pretrain.checkpoint import Checkpointer, resolve_resume, restore
 from pretrain.callbacks import MetricsLogger, ProgressBar, device_peak_flops
+from pretrain.checkpoint import Checkpointer, resolve_resume, restore
 from pretrain.cli import shard_tokenizer
 from pretrain.config import PretrainConfig
 from pretrain.dist import DistInfo, init_distributed, shutdown

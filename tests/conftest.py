@@ -14,6 +14,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 
+from slurm_fixtures import slurm_cluster  # noqa: E402, F401  (the local SLURM cluster, started on first use)
+
 
 @pytest.fixture(scope="session")
 def stdlib_files() -> list[str]:

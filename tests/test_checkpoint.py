@@ -15,7 +15,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-
 from conftest import REPO, read_scalars, run_stage, stage_env
 
 TINY = "configs/pretrain/tiny.yaml"

@@ -6,7 +6,6 @@ import math
 
 import numpy as np
 import pytest
-
 from conftest import read_scalars, run_stage, stage_env
 
 TINY = "configs/pretrain/tiny.yaml"
@@ -88,6 +87,20 @@ def test_gradient_accumulation_matches_a_large_micro_batch(tmp_path, shards_dir)
     run_stage("pretrain", _args(a, shards_dir, *common, "--train.micro_batch_size=1"))
     run_stage("pretrain", _args(b, shards_dir, *common, "--train.micro_batch_size=4"))
     np.testing.assert_allclose(_losses(a), _losses(b), rtol=0, atol=1e-4)
+
+
+def test_deepspeed_launcher_runs_the_same_entry_point(tmp_path, shards_dir):
+    import subprocess
+    import sys
+
+    from conftest import REPO, _free_port
+
+    cmd = [sys.executable, "-m", "deepspeed.launcher.runner", "--num_gpus", "2", "--master_port", str(_free_port()),
+           "--module", "pretrain", *_args(tmp_path, shards_dir, "--train.max_steps=3", "--zero.stage=1",
+                                          "--train.micro_batch_size=2")]
+    proc = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 rank(s)" in proc.stdout and len(_losses(tmp_path)) == 3
 
 
 def test_masked_lm_trains(tmp_path, shards_dir):

@@ -12,7 +12,9 @@ from submitit.slurm.slurm import SlurmInfoWatcher
 
 
 def sh(cluster, *cmd: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess:
-    proc = subprocess.run(list(cmd), env=slurm_environ(cluster), capture_output=True, text=True, timeout=timeout)
+    # cwd: the cluster's folder takes the slurm-<job>.out files of jobs without -o
+    proc = subprocess.run(list(cmd), env=slurm_environ(cluster), cwd=cluster["LMFORGE_SLURM_DIR"],
+                          capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}")
     return proc
