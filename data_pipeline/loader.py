@@ -221,7 +221,8 @@ def eval_batches(
     split: str = "val",
     tokenizer_sha256: str | None = None,
 ) -> Iterator[np.ndarray]:
-    """Sequential (unshuffled) windows of the validation split; every rank gets the same count."""
+    """Validation windows in order, spread evenly over the split when ``max_samples`` is smaller
+    than it; every rank gets the same count."""
     roots = [shards] if isinstance(shards, str | Path) else list(shards)
     stores = [TokenStore(r, split) for r in roots if Manifest(r).tokens(split) > 0]
     if not stores:
@@ -239,13 +240,16 @@ def eval_batches(
             f"(micro_batch {micro_batch} x {world_size} ranks); hold out more documents or lower seq_len"
         )
 
+    # n windows spread evenly over the split (not its first documents only), in order
+    picks = (np.arange(n, dtype=np.int64) * total) // n
+
     def window(j: int) -> np.ndarray:
         i = int(np.searchsorted(bounds, j, side="right") - 1)
         return srcs[i].window(j - int(bounds[i]), shuffle=False)
 
     for start in range(0, n, per_step):
         first = start + rank * micro_batch
-        yield np.stack([window(j) for j in range(first, first + micro_batch)])
+        yield np.stack([window(int(picks[k])) for k in range(first, first + micro_batch)])
 
 
 def _check_tokenizers(stores: list[TokenStore], expected: str | None) -> None:

@@ -12,6 +12,7 @@ Stages, each skipped when its output is already complete (a re-run continues, it
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -43,7 +44,9 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="out/demo", help="where every artefact goes")
     ap.add_argument("--vocab-size", type=int, default=8192)
-    ap.add_argument("--steps", type=int, default=300, help="pretraining steps of the small model")
+    ap.add_argument("--steps", type=int, default=60, help="pretraining steps of the small model")
+    ap.add_argument("--precision", default=None, help="bf16|fp32 (default: bf16 on GPU; fp32 on CPU, where bf16 "
+                    "matmuls are ~10x slower without AMX/AVX512-BF16)")
     ap.add_argument("--nproc", type=int, default=2)
     args = ap.parse_args(argv)
     out, env, py = REPO / args.out, _env(), sys.executable
@@ -60,12 +63,14 @@ def main(argv: list[str] | None = None) -> int:
         py, "-m", "data_pipeline", "build", "--tokenizer", str(tok), "--out", str(shards), "--workers", "2",
         "--shard-tokens", str(1 << 21), "--val-docs", "100", "--val-every", "20", "--seq-len", "256"], env)
     times["verify"] = _run("verify the shards", [py, "-m", "data_pipeline", "inspect", str(shards), "--verify"], env)
-    every = max(1, args.steps // 4)
+    every = max(1, args.steps // 3)
+    precision = args.precision or _default_precision()
     pre = ["configs/pretrain/small.yaml", f"--run_dir={run_dir}", f"--data.shards=[{shards}]",
-           f"--train.max_steps={args.steps}", "--zero.stage=2", "--precision=bf16",
-           f"--checkpoint.interval_steps={every}", f"--train.eval_every={every}", "--train.log_every=10"]
+           f"--train.max_steps={args.steps}", "--zero.stage=2", f"--precision={precision}",
+           "--train.micro_batch_size=4", "--optim.warmup_steps=10", f"--checkpoint.interval_steps={every}",
+           f"--train.eval_every={every}", "--train.eval_samples=32", "--train.log_every=5"]
     launcher = [py, "-m", "torch.distributed.run", "--nproc_per_node", str(args.nproc), "-m", "pretrain"]
-    title = f"pretrain `small` on {args.nproc} processes (ZeRO-2, bf16)"
+    title = f"pretrain `small` on {args.nproc} processes (ZeRO-2, {precision})"
     if _finished(run_dir, args.steps):
         print(f"\n==> {title}: {run_dir} already finished {args.steps} steps, re-used")
     elif not (run_dir / "checkpoints" / "latest").exists():
@@ -79,6 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     sample = _generate(export_dir)
     _summary(shards, run_dir, times, sample)
     return 0
+
+
+def _default_precision() -> str:
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "fp32"
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
@@ -100,7 +111,13 @@ def _run_and_kill(title: str, cmd: list[str], env: dict[str, str], marker: Path)
         time.sleep(0.2)
     if proc.poll() is None:
         time.sleep(2)  # a couple more steps that the resumed run will redo exactly
-        os.killpg(proc.pid, signal.SIGKILL)
+        # torchrun starts its workers in their own sessions: kill the whole tree, like a node crash
+        import psutil
+
+        tree = [proc.pid] + [c.pid for c in psutil.Process(proc.pid).children(recursive=True)]
+        for pid in tree:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
         proc.wait()
         print(f"    killed with SIGKILL after {marker.parent.joinpath(marker.read_text().strip()).name}", flush=True)
     elif proc.returncode:

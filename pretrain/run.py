@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import torch
 
 from data_pipeline.loader import ShardLoader
 from lmforge.config import dump_yaml
-from lmforge.errors import DataError
+from lmforge.errors import DataError, LmforgeError
 from lmforge.log import print0
 from pretrain.callbacks import MetricsLogger, ProgressBar, device_peak_flops
 from pretrain.checkpoint import Checkpointer, resolve_resume, restore
@@ -43,9 +44,31 @@ def prepare_run_dir(cfg: PretrainConfig, tok, info: DistInfo) -> Path:
     run_dir = Path(cfg.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        _lock_run_dir(run_dir)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         tok.save(run_dir / "tokenizer")
     return run_dir
+
+
+_LOCKS: list = []  # open lock files live as long as the process (a crash releases them)
+
+
+def _lock_run_dir(run_dir: Path) -> None:
+    """One training process tree per run directory: a second one would interleave checkpoints."""
+    import fcntl
+
+    f = open(run_dir / ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        raise LmforgeError(
+            f"another run is using {run_dir} (pid {f.read().strip() or '?'}); wait for it or pick another --run_dir"
+        ) from None
+    f.truncate(0)
+    f.write(f"{os.getpid()}\n")
+    f.flush()
+    _LOCKS.append(f)
 
 
 def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] | None = None) -> Trainer:

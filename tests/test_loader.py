@@ -139,6 +139,12 @@ def test_eval_batches_are_sequential_and_rank_split(shards_dir):
     r1 = list(eval_batches(shards_dir, SEQ, 1, rank=1, world_size=2))
     assert len(r0) == len(r1) == len(full)
     assert all(np.array_equal(np.concatenate([a, b]), f) for a, b, f in zip(r0, r1, full))
+    # a subset is spread over the whole split, not taken from its first documents
+    total = (len(val) - 1) // SEQ
+    few = np.concatenate(list(eval_batches(shards_dir, SEQ, micro_batch=2, max_samples=4)))
+    for k, w in enumerate(few):
+        start = (k * total // 4) * SEQ
+        assert np.array_equal(w, val[start : start + SEQ + 1])
 
 
 # ---------------------------------------------------------------- real processes over gloo
