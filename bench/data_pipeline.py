@@ -268,7 +268,7 @@ def run(size_mb: float, big_factor: int, workers: list[int], repeat: int = 1, pe
     nbytes = sum(len(d.encode("utf-8", "surrogatepass")) for d in docs)
     common = {"corpus": str(corpus.relative_to(REPO)), "corpus_mb": round(cmeta["bytes"] / MB, 2),
               "documents": len(docs), "tokenizer": f"sentencepiece unigram {VOCAB}", "cpus": os.cpu_count(),
-              "repeat": repeat}
+              "repeat": repeat, "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
     log(f"corpus {cmeta['bytes'] / MB:.1f} MB, {len(docs)} documents; tokenizer {tok_dir}")
 
     ours, limit, wrap, hf = {}, {}, {}, {}
@@ -351,6 +351,8 @@ def run(size_mb: float, big_factor: int, workers: list[int], repeat: int = 1, pe
     r["config"]["meets_goal"] = r["ratio"] is not None and r["ratio"] <= GOAL_RSS_GROWTH
     recs.append(r)
     recs[0]["config"]["tokenizer_meta"] = tmeta
+    for r in recs:
+        r["config"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     return recs
 
 
@@ -359,7 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--size-mb", type=float, default=None, help="corpus size (default 50; 5 with --quick)")
     ap.add_argument("--big-factor", type=int, default=4, help="the RSS check's second corpus is this much larger")
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
-    ap.add_argument("--repeat", type=int, default=1, help="runs per contender; the fastest counts")
+    ap.add_argument("--repeat", type=int, default=None,
+                    help="runs per contender, the fastest counts (default 3; 1 with --quick)")
     ap.add_argument("--no-peer", action="store_true", help="skip the Hugging Face datasets peer")
     ap.add_argument("--no-wrapper", action="store_true", help="skip the Tokenizer.encode_batch diagnostic")
     ap.add_argument("--quick", action="store_true", help="a smoke run: 5 MB and 20 MB corpora")
@@ -367,7 +370,8 @@ def main(argv: list[str] | None = None) -> int:
     size = args.size_mb if args.size_mb is not None else (5.0 if args.quick else 50.0)
     workers = sorted({int(w) for w in args.workers.split(",") if w.strip()})
     t0 = time.time()
-    recs = run(size, args.big_factor, workers, repeat=max(1, args.repeat), peer=not args.no_peer,
+    repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
+    recs = run(size, args.big_factor, workers, repeat=max(1, repeat), peer=not args.no_peer,
                wrapper=not args.no_wrapper)
     emit(recs, NAME + ("-quick" if args.quick else ""))
     print_table(recs, file=sys.stderr)

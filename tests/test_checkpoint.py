@@ -203,3 +203,15 @@ def test_export_round_trip_matches_the_engine(tmp_path, shards_dir, kind):
         text = pipeline("text-generation", model=model, tokenizer=tok)("def main(", max_new_tokens=12,
                                                                          do_sample=False)[0]["generated_text"]
         assert text.startswith("def main(") and len(text) > len("def main(")
+
+
+def test_a_second_run_on_the_same_run_dir_is_refused(tmp_path, shards_dir):
+    import fcntl
+
+    tmp_path.mkdir(exist_ok=True)
+    with open(tmp_path / ".lock", "a+") as f:  # what a live training process holds
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        f.write("4242\n")
+        f.flush()
+        proc = run_stage("pretrain", _args(tmp_path, shards_dir, "--train.max_steps=2"), check=False)
+    assert proc.returncode == 2 and f"another run is using {tmp_path} (pid 4242)" in proc.stderr
