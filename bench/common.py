@@ -19,8 +19,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -134,6 +136,9 @@ def run_measured(
 ) -> dict[str, Any]:
     """Run ``cmd`` to completion; wall seconds, peak RSS (MB) of its whole process tree, return code.
 
+    Also "cpu_seconds": user + system CPU time of the tree (every descendant that was waited for),
+    a figure that other load on the machine disturbs much less than the wall clock.
+
     Every ``interval`` seconds the RSS of the process and all its descendants is summed; the peak of
     those sums is reported. (RSS counts pages shared between forked processes once per process, so the
     sum is an upper bound of the physical memory used.) ``env`` entries are added to os.environ.
@@ -143,6 +148,7 @@ def run_measured(
 
     full_env = {**os.environ, **(env or {})}
     out = subprocess.PIPE if capture else None
+    ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.perf_counter()
     proc = subprocess.Popen(list(cmd), env=full_env, cwd=cwd, stdout=out, stderr=out, text=True)
     peak = 0
@@ -150,8 +156,6 @@ def run_measured(
     chunks: dict[str, list[str]] = {"stdout": [], "stderr": []}
     readers = []
     if capture:
-        import threading
-
         for key, stream in (("stdout", proc.stdout), ("stderr", proc.stderr)):
             t = threading.Thread(target=lambda s=stream, k=key: chunks[k].append(s.read()), daemon=True)
             t.start()
@@ -176,9 +180,11 @@ def run_measured(
     finally:
         rc = proc.wait()
     seconds = time.perf_counter() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
     for t in readers:
         t.join()
-    result: dict[str, Any] = {"seconds": seconds, "peak_rss_mb": peak / 2**20, "returncode": rc}
+    result: dict[str, Any] = {"seconds": seconds, "peak_rss_mb": peak / 2**20, "returncode": rc, "cpu_seconds": cpu}
     if capture:
         result["stdout"], result["stderr"] = "".join(chunks["stdout"]), "".join(chunks["stderr"])
     return result

@@ -29,6 +29,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import resource
 import shutil
 import sys
 import time
@@ -131,6 +132,7 @@ def run_build(corpus: Path, tok_dir: Path, workers: int, tag: str, cache: Path =
     docs = m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"]
     return {
         "seconds": r["seconds"],
+        "cpu_seconds": r["cpu_seconds"],
         "seconds_in_process": m["seconds"],
         "peak_rss_mb": r["peak_rss_mb"],
         "tokens": tokens,
@@ -167,12 +169,12 @@ def _encode_worker(kind: str, model: str, lo: int, hi: int, barrier, queue, batc
         encode = Tokenizer.load(model, num_threads=1).encode_batch
     encode([_DOCS[lo][:1000]] if lo < hi else ["warm up"])
     barrier.wait()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     n = 0
     for i in range(lo, hi, batch):
         for ids in encode(_DOCS[i : min(i + batch, hi)]):
             n += len(ids) + 1  # + EOS, as the build writes it
-    queue.put((n, time.perf_counter() - t0))
+    queue.put((n, time.perf_counter() - t0, time.process_time() - c0))
 
 
 def run_encode_only(docs: list[str], model: str, workers: int, kind: str) -> dict[str, Any]:
@@ -191,8 +193,8 @@ def run_encode_only(docs: list[str], model: str, workers: int, kind: str) -> dic
         if p.exitcode != 0:
             raise SystemExit(f"encode worker failed with exit code {p.exitcode}")
     _DOCS = []
-    return {"seconds": max(s for _, s in results), "tokens": sum(n for n, _ in results),
-            "worker_seconds": [round(s, 3) for _, s in results]}
+    return {"seconds": max(r[1] for r in results), "tokens": sum(r[0] for r in results),
+            "cpu_seconds": sum(r[2] for r in results), "worker_seconds": [round(r[1], 3) for r in results]}
 
 
 # ---------------------------------------------------------------- the peer (Hugging Face datasets)
@@ -226,19 +228,22 @@ def run_peer(corpus: Path, model: str, workers: int, cache: Path = CACHE_DIR) ->
     shutil.rmtree(hf_cache, ignore_errors=True)
     hf_cache.mkdir(parents=True)
     try:
+        ru0, c0 = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
         t0 = time.perf_counter()
         ds = datasets.Dataset.from_generator(_hf_docs, gen_kwargs={"path": str(corpus)}, cache_dir=str(hf_cache))
         t1 = time.perf_counter()
         out = ds.map(_hf_tokenize, batched=True, num_proc=workers if workers > 1 else None,
                      remove_columns=["text"], fn_kwargs={"model": model})
         t2 = time.perf_counter()
+        ru1, c1 = resource.getrusage(resource.RUSAGE_CHILDREN), time.process_time()
+        cpu = c1 - c0 + (ru1.ru_utime - ru0.ru_utime) + (ru1.ru_stime - ru0.ru_stime)
         tokens = int(pc.sum(pc.list_value_length(out.data.column("input_ids"))).as_py())
         docs = len(out)
         dtype = str(out.features["input_ids"].feature.dtype)
         del ds, out
     finally:
         shutil.rmtree(hf_cache, ignore_errors=True)
-    return {"seconds": t2 - t0, "from_generator_seconds": t1 - t0, "map_seconds": t2 - t1,
+    return {"seconds": t2 - t0, "cpu_seconds": cpu, "from_generator_seconds": t1 - t0, "map_seconds": t2 - t1,
             "tokens": tokens, "documents": docs, "ids_dtype": dtype, "datasets_version": datasets.__version__}
 
 
@@ -250,6 +255,10 @@ def _best(runs: list[dict[str, Any]]) -> dict[str, Any]:
     if "peak_rss_mb" in best:
         best["peak_rss_mb"] = max(r["peak_rss_mb"] for r in runs)
     return best
+
+
+def _spread(r: dict[str, Any]) -> dict[str, Any]:
+    return {"all_seconds": r["all_seconds"]} if "all_seconds" in r else {}
 
 
 def _rate(r: dict[str, Any]) -> float:
@@ -269,22 +278,33 @@ def run(size_mb: float, big_factor: int, workers: list[int], repeat: int = 1, pe
     common = {"corpus": str(corpus.relative_to(REPO)), "corpus_mb": round(cmeta["bytes"] / MB, 2),
               "documents": len(docs), "tokenizer": f"sentencepiece unigram {VOCAB}", "cpus": os.cpu_count(),
               "repeat": repeat, "loadavg_1m_at_start": round(os.getloadavg()[0], 2)}
+    if os.getloadavg()[0] > 0.5 * (os.cpu_count() or 1):
+        log(f"warning: load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; other work skews the figures")
     log(f"corpus {cmeta['bytes'] / MB:.1f} MB, {len(docs)} documents; tokenizer {tok_dir}")
 
-    ours, limit, wrap, hf = {}, {}, {}, {}
+    # Contenders are interleaved round by round, so load from elsewhere hits them alike; fastest round counts.
+    contenders = [(f"build --workers {w}", "ours", w, lambda w=w: run_build(corpus, tok_dir, w, "main"))
+                  for w in workers]
     for w in workers:
-        log(f"build --workers {w}")
-        ours[w] = _best([run_build(corpus, tok_dir, w, "main") for _ in range(repeat)])
-    for w in workers:
-        log(f"limit: bare SentencePiece encode, {w} process(es)")
-        limit[w] = _best([run_encode_only(docs, model, w, "sentencepiece") for _ in range(repeat)])
+        contenders.append((f"limit: bare SentencePiece encode x{w}", "limit", w,
+                           lambda w=w: run_encode_only(docs, model, w, "sentencepiece")))
         if wrapper:
-            log(f"wrapper: Tokenizer.encode_batch, {w} process(es)")
-            wrap[w] = _best([run_encode_only(docs, model, w, "wrapper") for _ in range(repeat)])
-    if peer:
-        for w in workers:
-            log(f"peer: datasets from_generator + map(num_proc={w})")
-            hf[w] = _best([run_peer(corpus, model, w) for _ in range(repeat)])
+            contenders.append((f"wrapper: Tokenizer.encode_batch x{w}", "wrapper", w,
+                               lambda w=w: run_encode_only(docs, model, w, "wrapper")))
+        if peer:
+            contenders.append((f"peer: datasets from_generator + map(num_proc={w})", "peer", w,
+                               lambda w=w: run_peer(corpus, model, w)))
+    runs: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for k in range(repeat):
+        for label, kind, w, fn in contenders:
+            r = fn()
+            log(f"round {k + 1}/{repeat}: {label}: {r['seconds']:.2f}s, {r['tokens'] / r['seconds']:,.0f} tokens/s")
+            runs.setdefault((kind, w), []).append(r)
+    best = {key: _best(v) for key, v in runs.items()}
+    ours = {w: best["ours", w] for w in workers}
+    limit = {w: best["limit", w] for w in workers}
+    wrap = {w: best["wrapper", w] for w in workers if wrapper}
+    hf = {w: best["peer", w] for w in workers if peer}
     docs = []
     rss_w = max(workers)
     for f in big.rglob("*.py"):  # warm the page cache for the big run too
@@ -300,13 +320,13 @@ def run(size_mb: float, big_factor: int, workers: list[int], repeat: int = 1, pe
             **cfg, "what": "bare SentencePieceProcessor.encode (num_threads=1) per process, docs in memory, "
                           "split evenly by characters; time of the slowest process",
             "seconds": round(limit[w]["seconds"], 3), "tokens": limit[w]["tokens"],
-            "worker_seconds": limit[w]["worker_seconds"], "mb_per_s": mbps(limit[w])})
+            "worker_seconds": limit[w]["worker_seconds"], "mb_per_s": mbps(limit[w]), **_spread(limit[w])})
         recs.append(lim)
         if wrapper:
             recs.append(record(f"{NAME}.wrapper.w{w}", "tokens_per_s", _rate(wrap[w]), "tokens/s", lim, config={
                 **cfg, "what": "lmforge Tokenizer.encode_batch (num_threads=1), same setup as the limit",
                 "seconds": round(wrap[w]["seconds"], 3), "tokens": wrap[w]["tokens"],
-                "worker_seconds": wrap[w]["worker_seconds"], "mb_per_s": mbps(wrap[w])}))
+                "worker_seconds": wrap[w]["worker_seconds"], "mb_per_s": mbps(wrap[w]), **_spread(wrap[w])}))
         if peer:
             p = hf[w]
             peer_rec = record(f"{NAME}.peer.w{w}", "tokens_per_s", _rate(p), "tokens/s", config={
@@ -315,7 +335,7 @@ def run(size_mb: float, big_factor: int, workers: list[int], repeat: int = 1, pe
                 "seconds": round(p["seconds"], 3), "from_generator_seconds": round(p["from_generator_seconds"], 3),
                 "map_seconds": round(p["map_seconds"], 3), "map_only_tokens_per_s": round(p["tokens"] / p["map_seconds"]),
                 "tokens": p["tokens"], "ids_dtype": p["ids_dtype"], "datasets": p["datasets_version"],
-                "mb_per_s": mbps(p)})
+                "mb_per_s": mbps(p), **_spread(p)})
             recs.append(peer_rec)
         o = ours[w]
         ours_cfg = {
@@ -323,10 +343,9 @@ def run(size_mb: float, big_factor: int, workers: list[int], repeat: int = 1, pe
             "command": o["command"], "seconds": round(o["seconds"], 3),
             "seconds_in_process": o["seconds_in_process"],
             "in_process_tokens_per_s": round(o["tokens"] / o["seconds_in_process"]),
-            "tokens": o["tokens"], "peak_rss_mb": round(o["peak_rss_mb"], 1), "mb_per_s": mbps(o),
+            "ratio_in_process_vs_limit": round(o["tokens"] / o["seconds_in_process"] / _rate(limit[w]), 4),
+            "tokens": o["tokens"], "peak_rss_mb": round(o["peak_rss_mb"], 1), "mb_per_s": mbps(o), **_spread(o),
         }
-        if "all_seconds" in o:
-            ours_cfg["all_seconds"] = o["all_seconds"]
         r = record(f"{NAME}.build.w{w}", "tokens_per_s", _rate(o), "tokens/s", lim,
                    config={**ours_cfg, "goal": f">= {GOAL_VS_LIMIT} x limit"})
         r["config"]["meets_goal"] = r["ratio"] is not None and r["ratio"] >= GOAL_VS_LIMIT
@@ -337,6 +356,18 @@ def run(size_mb: float, big_factor: int, workers: list[int], repeat: int = 1, pe
                                "goal": f"> {GOAL_VS_PEER} x peer"})
             r["config"]["meets_goal"] = r["ratio"] is not None and r["ratio"] > GOAL_VS_PEER
             recs.append(r)
+
+    for w in workers:  # tokens per CPU-second: what each contender costs, little disturbed by other load
+        cfg = {**common, "workers": w, "what": "tokens / (user + system CPU seconds of all its processes)"}
+        lim = record(f"{NAME}.limit_cpu.w{w}", "tokens_per_cpu_s", limit[w]["tokens"] / limit[w]["cpu_seconds"],
+                     "tokens/cpu-s", config={**cfg, "cpu_seconds": round(limit[w]["cpu_seconds"], 3)})
+        recs.append(lim)
+        if peer:
+            recs.append(record(f"{NAME}.peer_cpu.w{w}", "tokens_per_cpu_s", hf[w]["tokens"] / hf[w]["cpu_seconds"],
+                               "tokens/cpu-s", lim, config={**cfg, "cpu_seconds": round(hf[w]["cpu_seconds"], 3)}))
+        recs.append(record(f"{NAME}.build_cpu.w{w}", "tokens_per_cpu_s", ours[w]["tokens"] / ours[w]["cpu_seconds"],
+                           "tokens/cpu-s", lim, config={**cfg, "cpu_seconds": round(ours[w]["cpu_seconds"], 3),
+                                                        "includes": "interpreter start-up, imports, finalize"}))
 
     small = ours[rss_w]
     rss_small = record(f"{NAME}.build_rss.{cmeta['bytes'] / MB:.0f}mb", "peak_rss", small["peak_rss_mb"], "MB",

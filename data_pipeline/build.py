@@ -151,14 +151,14 @@ class _Writer:
             return
         idx = len(self.p.train_shards)
         name = f"train_{idx:05d}.bin"
-        data = self.buf[: self.fill]
-        _write_atomic_bytes(self.out / name, data.tobytes())
+        data = memoryview(self.buf[: self.fill])  # no copies of a shard-sized buffer
+        _write_atomic_bytes(self.out / name, data)
         self.p.train_shards.append(
             {
                 "file": name,
                 "tokens": int(self.fill),
-                "documents": int(np.count_nonzero(data == self.eos_id)),
-                "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
+                "documents": int(np.count_nonzero(self.buf[: self.fill] == self.eos_id)),
+                "sha256": hashlib.sha256(data).hexdigest(),
             }
         )
         self.fill = 0
@@ -171,7 +171,7 @@ class _Writer:
         self.val.close()
 
 
-def _write_atomic_bytes(path: Path, data: bytes) -> None:
+def _write_atomic_bytes(path: Path, data: bytes | memoryview) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
@@ -341,7 +341,8 @@ def _with_meta(stream) -> Iterator[tuple[list[tuple[int, bool]], list[str]]]:
         meta.append((i, is_val))
         texts.append(text)
         size += len(text)
-        if len(texts) >= 512 or size >= 1 << 21:
+        # small batches (256 KiB): the pipeline fills fast and the last batch leaves no worker idle for long
+        if len(texts) >= 256 or size >= 1 << 18:
             yield meta, texts
             meta, texts, size = [], [], 0
     if texts:
