@@ -32,6 +32,7 @@ from data_pipeline.shards import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
+    atomic_write_bytes,
     atomic_write_text,
     dtype_for_vocab,
     fsync_dir,
@@ -152,7 +153,7 @@ class _Writer:
         idx = len(self.p.train_shards)
         name = f"train_{idx:05d}.bin"
         data = memoryview(self.buf[: self.fill])  # no copies of a shard-sized buffer
-        _write_atomic_bytes(self.out / name, data)
+        atomic_write_bytes(self.out / name, data, sync_dir=False)  # the progress record syncs the dir
         self.p.train_shards.append(
             {
                 "file": name,
@@ -169,15 +170,6 @@ class _Writer:
 
     def close(self) -> None:
         self.val.close()
-
-
-def _write_atomic_bytes(path: Path, data: bytes | memoryview) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _load_progress(out: Path, settings: BuildSettings) -> _Progress:
@@ -435,7 +427,7 @@ def _split_spill(out: Path, s: BuildSettings, eos_id: int, itemsize: int) -> lis
         n = min(s.shard_tokens, total - start)
         data = np.fromfile(spill, dtype=dtype, count=n, offset=start * itemsize)
         name = f"val_{idx:05d}.bin"
-        _write_atomic_bytes(out / name, data.tobytes())
+        atomic_write_bytes(out / name, data.tobytes(), sync_dir=False)
         shards.append(
             {
                 "file": name,
