@@ -13,8 +13,8 @@ import time
 
 BENCHMARKS = [
     "data_pipeline",
-    # "train_throughput",
-    # "checkpoint",
+    "train_throughput",
+    "checkpoint",
 ]
 
 

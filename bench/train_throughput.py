@@ -12,6 +12,7 @@ seq_len and precision, 2 processes under torchrun, rounds of the three in turn (
   (``pretrain.engine.ds_config``), the same model and windows (bench/_hf_trainer_peer.py);
   ``TrainingArguments(use_cpu=True, deepspeed=dict)`` is what makes it run on a CPU;
 * **limit**: a plain PyTorch loop, DDP over gloo + torch AdamW, no DeepSpeed (bench/_plain_loop.py);
+* diagnostic: ours at ZeRO-0 (the DeepSpeed engine without partitioning), same measurement;
 * ratios ours / limit (goal >= 0.95) and ours / peer (goal >= 1.0); MFU of each against this
   machine's measured 1-thread fp32 matmul FLOP/s per process (``pretrain.callbacks.measured_cpu_flops``);
 * peak RSS per rank (max over the 2 training processes) for ZeRO 0/2/3 on a 64.7M-param model
@@ -67,9 +68,9 @@ def steady(stamps: list[tuple[int, float]], warmup: int, tokens_per_step: int) -
     return tokens_per_step * (last - warmup) / (t[last] - t[warmup]), last - warmup
 
 
-def run_ours(run_dir: Path, args: list[str], warmup: int, tps: int) -> dict[str, Any]:
+def run_ours(run_dir: Path, args: list[str], warmup: int, tps: int, stage: int = 2) -> dict[str, Any]:
     shutil.rmtree(run_dir, ignore_errors=True)
-    r = run_tree(torchrun(WORLD, "pretrain", [*args, "--zero.stage=2"]))
+    r = run_tree(torchrun(WORLD, "pretrain", [*args, f"--zero.stage={stage}"]))
     check(NAME, "ours", r)
     wall = [(s, w) for w, s, _ in tb_scalars(run_dir, "train/step_time")]
     st = [(s, v) for _, s, v in tb_scalars(run_dir, "train/step_time") if s > warmup]
@@ -108,7 +109,7 @@ def throughput(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[
     n_params = n_params_of(base)
     torch.set_num_threads(1)
     peaks = [measured_cpu_flops()]
-    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": [], "limit": []}
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": [], "limit": [], "ours0": []}
     loads = [load_average()]
     for k in range(a.repeats):
         log(NAME, f"round {k + 1}/{a.repeats}: ours (load {load_average()})")
@@ -120,7 +121,10 @@ def throughput(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[
         log(NAME, f"  peer {runs['peer'][-1]['tokens_per_s']:,.0f} tok/s; limit: plain DDP loop")
         runs["limit"].append(run_helper("bench._plain_loop", scratch / "limit",
                                         train_args(scratch / "limit", shards, a, a.steps), a.warmup))
-        log(NAME, f"  limit {runs['limit'][-1]['tokens_per_s']:,.0f} tok/s")
+        log(NAME, f"  limit {runs['limit'][-1]['tokens_per_s']:,.0f} tok/s; ours at ZeRO-0 (diagnostic)")
+        runs["ours0"].append(run_ours(scratch / "ours0", train_args(scratch / "ours0", shards, a, a.steps), a.warmup,
+                                      plan.tokens_per_step, stage=0))
+        log(NAME, f"  ours ZeRO-0 {runs['ours0'][-1]['tokens_per_s']:,.0f} tok/s")
         loads.append(load_average())
     peaks.append(measured_cpu_flops())
     peak = max(peaks)
@@ -168,6 +172,9 @@ def throughput(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[
                        "goal": f">= {GOAL_VS_PEER} x peer"})
     r["config"]["meets_goal"] = r["ratio"] is not None and r["ratio"] >= GOAL_VS_PEER
     recs.append(r)
+    recs.append(record(f"{NAME}.ours.zero0", "tokens_per_s", best["ours0"]["tokens_per_s"], "tokens/s", lim,
+                       config=cfg_of("ours0", "diagnostic: lmforge pretrain at ZeRO-0 (DeepSpeed engine without "
+                                     "partitioning), same measurement", cmd_ours.replace("stage=2", "stage=0"))))
     recs.append(record(f"{NAME}.ours.zero2.step_time", "tokens_per_s", best["ours"]["tokens_per_s_step_time"],
                        "tokens/s", lim, config={"what": "diagnostic: tokens_per_step x steps / sum(train/step_time) "
                                                 "(train_step only: callbacks and the loop itself excluded)"}))
@@ -214,13 +221,13 @@ def memory(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[str,
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m bench.{NAME}", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: seq 128, micro 4, 6 steps, 1 round")
-    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per throughput run (default 14)")
+    ap.add_argument("--steps", type=int, default=None, help="optimizer steps per throughput run (default 12)")
     ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the steady state")
     ap.add_argument("--repeats", type=int, default=None, help="rounds of ours/peer/limit (default 2)")
     ap.add_argument("--skip-memory", action="store_true")
     a = ap.parse_args(argv)
     a.seq_len, a.micro = (128, 4) if a.quick else (256, 8)
-    a.steps = a.steps or (6 if a.quick else 14)
+    a.steps = a.steps or (6 if a.quick else 12)
     a.repeats = a.repeats or (1 if a.quick else 2)
     a.mem_steps = 2 if a.quick else 4
     shards = ensure_shards(NAME)

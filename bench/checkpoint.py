@@ -1,0 +1,189 @@
+"""Checkpoint speed: save and load of a sharded ZeRO-2 checkpoint against raw disk writes, resume on
+another world size, export.
+
+``python -m bench.checkpoint [--quick]`` — in one run, on the 125m preset's shape (d 768, 12 layers,
+FFN 2560, tied) with the shards' 8192 vocab: 105.4M params, fp32, seq_len 128, micro batch 4, 2 ranks:
+
+1. **save**: ``torchrun -m bench._ckpt_driver`` (``python -m pretrain`` with timers around
+   ``pretrain.checkpoint.save``) trains 2 steps with ``--checkpoint.interval_steps=1``: seconds per
+   save (every rank writes its partition, fsync, barriers, trainer_state, ``latest``) and MB/s =
+   bytes of the step directory / seconds (the faster of the two saves is the figure);
+2. **limit**: the same number of bytes written by one process in 16 MiB blocks + fsync, in the same
+   folder (dd-like) → ratio save / limit (goal >= 0.5);
+3. **load**: a resume run on 2 ranks: seconds of ``pretrain.run.restore`` (DeepSpeed load of weights
+   and optimizer, trainer state, RNG); the files were just written, so reads likely hit the page cache;
+4. **world-size change**: resume the same checkpoint on 1 rank: seconds of restore (of which
+   ``ds_to_universal``, run once and cached) and peak RSS per process (max over the rank and the
+   converter's processes);
+5. **export**: ``python -m pretrain.export RUN --out DIR``: wall seconds and peak RSS.
+
+Scratch runs live in bench/results/cache/scratch/checkpoint (~4 GB while it runs, deleted at the end
+unless --keep). ``--quick``: the small preset's shape (24M), seq 64, micro 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench._train_common import SCRATCH, check, ensure_shards, load_average, log, run_tree, torchrun
+from bench.common import emit, print_table, record
+
+NAME = "checkpoint"
+MB = 1 << 20
+GOAL_VS_DISK = 0.5
+
+
+def model_args(quick: bool) -> list[str]:
+    if quick:
+        return ["configs/pretrain/small.yaml", "--data.seq_len=64", "--train.micro_batch_size=2"]
+    return ["configs/pretrain/125m.yaml", "--model.vocab_size=null", "--data.seq_len=128", "--model.max_seq_len=128",
+            "--train.micro_batch_size=4"]
+
+
+def train_args(run_dir: Path, shards: Path, quick: bool, steps: int, extra: list[str] = ()) -> list[str]:
+    micro = 2 if quick else 4
+    return [*model_args(quick), f"--run_dir={run_dir}", f"--data.shards=[{shards}]", "--precision=fp32",
+            "--zero.stage=2", f"--train.global_batch_size={2 * micro}", f"--train.max_steps={steps}",
+            "--train.log_every=1", "--train.eval_every=0", "--train.eval_samples=8", "--train.progress=false",
+            "--checkpoint.save_final=false", "--checkpoint.keep_last=5", *extra]
+
+
+def dir_bytes(d: Path) -> tuple[int, int]:
+    files = [f for f in d.rglob("*") if f.is_file()]
+    return sum(f.stat().st_size for f in files), len(files)
+
+
+def raw_write(folder: Path, nbytes: int, block: int = 16 * MB) -> float:
+    """Seconds to write ``nbytes`` to a new file in ``folder`` in ``block``-sized writes, then fsync."""
+    buf = os.urandom(block)
+    path = folder / "_raw_write_probe.bin"
+    t0 = time.perf_counter()
+    with open(path, "wb", buffering=0) as f:
+        left = nbytes
+        while left > 0:
+            left -= f.write(buf[: min(block, left)])
+        os.fsync(f.fileno())
+    seconds = time.perf_counter() - t0
+    path.unlink()
+    return seconds
+
+
+def driver(nproc: int, out: Path, args: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    out.unlink(missing_ok=True)
+    r = run_tree(torchrun(nproc, "bench._ckpt_driver", ["--out", str(out), *args]))
+    check(NAME, f"{nproc}-rank driver run", r)
+    return r, json.loads(out.read_text())["timings"]
+
+
+def params_of(args: list[str]) -> int:
+    from pretrain.cli import parse_args, shard_tokenizer
+    from pretrain.model import build_model, count_params
+
+    cfg, _, _ = parse_args(args)
+    return count_params(build_model(cfg.model, shard_tokenizer(cfg).vocab_size, device="meta"))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog=f"python -m bench.{NAME}", description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 24M model, seq 64")
+    ap.add_argument("--keep", action="store_true", help="keep the scratch run dir and export")
+    a = ap.parse_args(argv)
+    shards = ensure_shards(NAME)
+    scratch = SCRATCH / NAME
+    run_dir, export_dir = scratch / "run", scratch / "export"
+    shutil.rmtree(scratch, ignore_errors=True)
+    scratch.mkdir(parents=True)
+    n_params = params_of(train_args(run_dir, shards, a.quick, 2))
+    loads = {"start": load_average()}
+    log(NAME, f"{n_params / 1e6:.1f}M params; load average {loads['start']} (2 cores)")
+    show = " ".join  # the exact commands, for the records
+
+    # 1. train 2 steps, checkpoint after each
+    save_args = train_args(run_dir, shards, a.quick, 2, ["--checkpoint.interval_steps=1"])
+    r_train, t_train = driver(2, scratch / "save.json", save_args)
+    saves = []
+    for s in t_train["save"]:
+        nbytes, nfiles = dir_bytes(Path(s["path"]))
+        saves.append({"seconds": s["seconds"], "bytes": nbytes, "files": nfiles, "step_dir": Path(s["path"]).name})
+    best = min(saves, key=lambda s: s["seconds"] / s["bytes"])
+    log(NAME, f"saves: {[round(s['seconds'], 2) for s in saves]} s for {best['bytes'] / MB:,.0f} MB")
+
+    # 2. the same bytes, raw, same folder
+    raw = [raw_write(run_dir / "checkpoints", best["bytes"]) for _ in range(2)]
+    loads["after_save"] = load_average()
+
+    # 3. resume on the same world size, one more step
+    load_args = train_args(run_dir, shards, a.quick, 3)
+    r_load, t_load = driver(2, scratch / "load.json", load_args)
+    loads["after_load"] = load_average()
+
+    # 4. resume the same checkpoint on 1 rank (global batch kept: accumulation 2)
+    latest = run_dir / "checkpoints" / saves[-1]["step_dir"]
+    uni_args = train_args(scratch / "run1", shards, a.quick, 3, [f"--resume={latest}"])
+    r_uni, t_uni = driver(1, scratch / "universal.json", uni_args)
+    loads["after_universal"] = load_average()
+
+    # 5. export
+    exp_cmd = ["-m", "pretrain.export", str(run_dir), "--out", str(export_dir)]
+    r_exp = run_tree([sys.executable, *exp_cmd])
+    check(NAME, "export", r_exp)
+    exp_bytes, exp_files = dir_bytes(export_dir)
+    loads["end"] = load_average()
+
+    common = {"n_params": n_params, "world_size": 2, "zero_stage": 2, "precision": "fp32",
+              "model": " ".join(model_args(a.quick)), "load_avg": loads}
+    save_mbps = best["bytes"] / MB / best["seconds"]
+    disk = record(f"{NAME}.limit.disk_write", "write_mb_per_s", best["bytes"] / MB / min(raw), "MB/s", config={
+        "what": "one process writes the checkpoint's byte count in 16 MiB blocks to one file in the same folder, "
+                "then fsync (best of 2)", "bytes": best["bytes"], "seconds": [round(x, 3) for x in raw]})
+    r = record(f"{NAME}.save.zero2", "save_mb_per_s", save_mbps, "MB/s", disk, config={
+        **common, "what": "bytes of the step dir / seconds of pretrain.checkpoint.save on rank 0 (all ranks write "
+                          "their ZeRO partitions, fsync, barriers, trainer_state.json, latest); faster of 2 saves",
+        "saves": [{**s, "seconds": round(s["seconds"], 3)} for s in saves], "goal": f">= {GOAL_VS_DISK} x disk",
+        "command": "torchrun --nproc_per_node 2 -m bench._ckpt_driver --out FILE " + show(save_args)})
+    r["config"]["meets_goal"] = r["ratio"] is not None and r["ratio"] >= GOAL_VS_DISK
+    recs = [disk, r]
+    recs.append(record(f"{NAME}.save_time.zero2", "seconds", best["seconds"], "s", config={
+        "bytes": best["bytes"], "files": best["files"], "step_dir": best["step_dir"]}))
+    ld = t_load["restore"][0]["seconds"]
+    recs.append(record(f"{NAME}.load_time.zero2", "seconds", ld, "s", config={
+        **common, "what": "seconds of pretrain.run.restore on rank 0 when resuming on 2 ranks (DeepSpeed "
+                          "load_checkpoint of weights + optimizer partitions, trainer state, RNG); page cache warm",
+        "bytes": best["bytes"], "mb_per_s": round(best["bytes"] / MB / ld, 1),
+        "resume_run_wall_seconds": round(r_load["seconds"], 1),
+        "command": "torchrun --nproc_per_node 2 -m bench._ckpt_driver --out FILE " + show(load_args)}))
+    conv = t_uni["ensure_universal"][0]["seconds"] if t_uni["ensure_universal"] else None
+    uni_common = {**common, "world_size": "2 -> 1", "conversion_seconds (ds_to_universal)": conv and round(conv, 2),
+                  "command": "torchrun --nproc_per_node 1 -m bench._ckpt_driver --out FILE " + show(uni_args)}
+    recs.append(record(f"{NAME}.resume_2to1.time", "seconds", t_uni["restore"][0]["seconds"], "s", config={
+        **uni_common, "what": "seconds of pretrain.run.restore on 1 rank: ds_to_universal (subprocess) + universal load",
+        "resume_run_wall_seconds": round(r_uni["seconds"], 1)}))
+    recs.append(record(f"{NAME}.resume_2to1.peak_rss", "peak_rss", r_uni["peak_rss_mb_per_proc"], "MB", config={
+        **uni_common, "what": "largest per-process peak RSS (VmHWM) of the 1-rank run's processes, converter included",
+        "per_process_peaks_mb": r_uni["peak_rss_mb_procs"], "tree_peak_mb": round(r_uni["peak_rss_mb_tree"], 1)}))
+    exp_common = {**common, "export_bytes": exp_bytes, "export_files": exp_files,
+                  "command": "python " + show(exp_cmd)}
+    recs.append(record(f"{NAME}.export.time", "seconds", r_exp["seconds"], "s", config={
+        **exp_common, "what": "wall seconds of the export process (start-up, zero_to_fp32 merge, save_pretrained)",
+        "cpu_seconds": round(r_exp["cpu_seconds"], 1)}))
+    recs.append(record(f"{NAME}.export.peak_rss", "peak_rss", r_exp["peak_rss_mb_per_proc"], "MB", config={
+        **exp_common, "what": "peak RSS (VmHWM) of the export process"}))
+    recs.append(record(f"{NAME}.train_run.peak_rss_per_rank", "peak_rss", r_train["peak_rss_mb_per_proc"], "MB",
+                       config={**common, "what": "the 2-step saving run: max over the 2 ranks of each one's peak RSS",
+                               "per_process_peaks_mb": r_train["peak_rss_mb_procs"]}))
+    emit(recs, NAME + ("-quick" if a.quick else ""))
+    print_table(recs)
+    if not a.keep:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
