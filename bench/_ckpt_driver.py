@@ -6,7 +6,9 @@ Runs exactly what ``python -m pretrain`` runs (``pretrain.cli.main``); only ``pr
 (called by the Checkpointer callback), ``pretrain.run.restore`` and ``pretrain.checkpoint.ensure_universal``
 (called inside restore on a world-size change) are wrapped with a wall-clock timer. Rank 0 writes
 the timings (seconds per call, the step dir of each save) to FILE as JSON. Each call's time is what
-the training loop is stalled for on rank 0, barriers included.
+the training loop is stalled for on rank 0, barriers included. Every rank also counts its
+``torch.save`` calls (seconds, bytes, files: serialization into the page cache, before any fsync)
+into ``FILE.rank<R>``.
 """
 
 from __future__ import annotations
@@ -41,12 +43,28 @@ def main() -> int:
 
         return wrapper
 
+    import torch
+
+    writes = {"seconds": 0.0, "bytes": 0, "files": 0}
+    torch_save = torch.save
+
+    def counted_save(obj, f, *a, **kw):  # DeepSpeed's checkpoint engine and our RNG files both use torch.save
+        t = time.perf_counter()
+        torch_save(obj, f, *a, **kw)
+        writes["seconds"] += time.perf_counter() - t
+        writes["files"] += 1
+        if isinstance(f, str | os.PathLike) and os.path.exists(f):
+            writes["bytes"] += os.path.getsize(f)
+
+    torch.save = counted_save
     ckpt.save = timed(ckpt.save, "save")
     ckpt.ensure_universal = timed(ckpt.ensure_universal, "ensure_universal")
     run.restore = timed(ckpt.restore, "restore")
     t0 = time.perf_counter()
     rc = pretrain_main(rest)
-    if int(os.environ.get("RANK", "0")) == 0:
+    rank = int(os.environ.get("RANK", "0"))
+    Path(f"{args.out}.rank{rank}").write_text(json.dumps({"torch_save": writes}))
+    if rank == 0:
         Path(args.out).write_text(json.dumps({"timings": timings, "total_seconds": time.perf_counter() - t0}, indent=1))
     return rc
 

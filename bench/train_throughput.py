@@ -2,7 +2,7 @@
 
 ``python -m bench.train_throughput [--quick] [--steps N] [--repeats R]`` — in one run, the ``small``
 preset (configs/pretrain/small.yaml, 24M params at vocab 8192) on the same shards, micro batch,
-seq_len and precision, 2 processes under torchrun, rounds of the three in turn (best round kept):
+seq_len and precision, 2 processes under torchrun, rounds of all four runs in turn (best round kept):
 
 * **ours**: ``torchrun -m pretrain small.yaml --zero.stage=2 --train.log_every=1 ...``; steady-state
   tokens/s over the steps after the first ``--warmup`` (3), from the wall-clock stamps of the
