@@ -102,8 +102,8 @@ class MetricsLogger(Callback):
         w, self._window = self._window, []
         ok = [m for m in w if m["train/loss"] == m["train/loss"]]  # not NaN: skipped steps have no loss
         seconds = sum(m["train/step_time"] for m in w)
-        tps = trainer.plan.tokens_per_step * len(w) / max(seconds, 1e-9)
-        out = {k: v for k, v in w[-1].items()}
+        tps = sum(m.get("train/step_tokens", trainer.plan.tokens_per_step) for m in w) / max(seconds, 1e-9)
+        out = {k: v for k, v in w[-1].items() if k != "train/step_tokens"}
         if ok:
             out["train/loss"] = sum(m["train/loss"] for m in ok) / len(ok)
             norms = [m["train/grad_norm"] for m in ok if "train/grad_norm" in m]

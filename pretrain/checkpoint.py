@@ -38,6 +38,7 @@ from pretrain.engine import reapply_group_hparams
 
 CKPT = "checkpoints"
 LATEST = "latest"
+BEST = "best"  # JSON {tag, metric, value, step}: the best checkpoint so far (fine-tuning), never rotated away
 STATE = "trainer_state.json"
 UNIVERSAL_DONE = "lmforge_universal_complete"
 
@@ -231,12 +232,30 @@ def rotate(root: Path, keep_last: int, keep_every: int) -> None:
     complete = complete_checkpoints(root.parent)
     if keep_last <= 0:
         return
+    best = best_checkpoint(root.parent)
     for d in complete[:-keep_last]:
         step = int(d.name[5:])
-        if keep_every and step % keep_every == 0:
+        if (keep_every and step % keep_every == 0) or (best is not None and d.name == best["tag"]):
             continue
         shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(d.parent / (d.name + "_universal"), ignore_errors=True)
+
+
+def best_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
+    """The record of the best checkpoint (``checkpoints/best``), if one was marked and is complete."""
+    f = Path(run_dir) / CKPT / BEST
+    if not f.is_file():
+        return None
+    try:
+        rec = json.loads(f.read_text())
+    except json.JSONDecodeError:
+        return None
+    return rec if is_complete(Path(run_dir) / CKPT / rec["tag"]) else None
+
+
+def mark_best(run_dir: str | Path, step_dir: Path, record: dict[str, Any]) -> None:
+    """Rank 0: name ``step_dir`` the best checkpoint (atomically)."""
+    atomic_write_text(Path(run_dir) / CKPT / BEST, json.dumps({"tag": step_dir.name, **record}, indent=1))
 
 
 # ---------------------------------------------------------------- restore

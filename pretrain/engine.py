@@ -35,15 +35,18 @@ class BatchPlan:
 
 def batch_plan(cfg: PretrainConfig, dp_world: int) -> BatchPlan:
     """global = micro × accumulation × ranks; anything else is an error naming the keys."""
-    micro = cfg.train.micro_batch_size
+    return plan_batches(cfg.train.micro_batch_size, cfg.train.global_batch_size, dp_world, cfg.data.seq_len)
+
+
+def plan_batches(micro: int, global_batch: int | None, dp_world: int, seq_len: int) -> BatchPlan:
     per_pass = micro * dp_world
-    global_batch = cfg.train.global_batch_size or per_pass
+    global_batch = global_batch or per_pass
     if global_batch % per_pass:
         raise ConfigError(
             f"train.global_batch_size {global_batch} is not divisible by train.micro_batch_size {micro} "
             f"x {dp_world} data-parallel ranks = {per_pass}; change one of them"
         )
-    return BatchPlan(micro, global_batch // per_pass, dp_world, global_batch, cfg.data.seq_len)
+    return BatchPlan(micro, global_batch // per_pass, dp_world, global_batch, seq_len)
 
 
 def ds_config_path(cfg: PretrainConfig) -> Path:
@@ -128,12 +131,28 @@ def reapply_group_hparams(engine, cfg: PretrainConfig) -> None:
     """DeepSpeed's ZeRO-3 universal load copies param group 0's settings into every group (so norms
     would get weight decay after a world-size change); put each group's own settings back."""
     groups = engine.optimizer.param_groups
-    for group, hp in zip(groups, group_hparams(cfg)):
+    hparams = getattr(engine, "lmforge_group_hparams", None) or group_hparams(cfg)
+    for group, hp in zip(groups, hparams):
         group.update(hp)
 
 
-def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: BatchPlan, load_universal: bool = False):
-    """deepspeed.initialize with the merged config; returns the engine (optimizer and schedule inside)."""
+def default_param_groups(model: torch.nn.Module, cfg: PretrainConfig) -> list[dict[str, Any]]:
+    """No weight decay on norms and biases (1-D tensors), as in GPT-3 / Llama; frozen tensors left out."""
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay, no_decay = group_hparams(cfg)
+    return [
+        {"params": [p for p in trainable if p.ndim >= 2], **decay},
+        {"params": [p for p in trainable if p.ndim < 2], **no_decay},
+    ]
+
+
+def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: BatchPlan, load_universal: bool = False,
+                 param_groups: list[dict[str, Any]] | None = None):
+    """deepspeed.initialize with the merged config; returns the engine (optimizer and schedule inside).
+
+    ``param_groups`` (torch optimizer groups, e.g. per-layer learning rates of a fine-tune) replace
+    the default two groups; a group's ``lr`` is its peak, which the schedule scales.
+    """
     import deepspeed
 
     if cfg.train.activation_checkpointing:
@@ -146,17 +165,15 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: BatchPlan, l
             "accelerator needs hardware fp16, e.g. AVX512-FP16); use --precision=bf16 or fp32"
         )
     conf = ds_config(cfg, plan, load_universal)
-    # no weight decay on norms and biases (1-D tensors), as in GPT-3 / Llama
-    trainable = [p for p in model.parameters() if p.requires_grad]
-    decay, no_decay = group_hparams(cfg)
-    params = [
-        {"params": [p for p in trainable if p.ndim >= 2], **decay},
-        {"params": [p for p in trainable if p.ndim < 2], **no_decay},
-    ]
+    params = [g for g in (param_groups or default_param_groups(model, cfg)) if g["params"]]
+    if not params:
+        raise ConfigError("nothing to train: every parameter is frozen")
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=params,
         config=conf,
         lr_scheduler=lambda opt: lr_schedule(opt, cfg),
     )
+    # what restore() puts back after a universal load (the lr is the schedule's, restored with it)
+    engine.lmforge_group_hparams = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in params]
     return engine

@@ -66,7 +66,7 @@ class Trainer:
         self.stop_requested = False  # a callback (e.g. a signal handler) may ask for a clean stop
         self.preempted = False  # stopped by a signal: the job is expected to be requeued
         self._nan_steps = _parse_nan_hook(os.environ.get("LMFORGE_INJECT_NAN"), dist_info.rank)
-        self._has_val = any(Manifest(s).tokens("val") > 0 for s in cfg.data.shards)
+        self._has_val = self.has_validation()
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -90,6 +90,13 @@ class Trainer:
         t = self.cfg.train
         return self.state.step >= t.max_steps or (t.max_tokens is not None and self.state.tokens_seen >= t.max_tokens)
 
+    def has_validation(self) -> bool:
+        return any(Manifest(s).tokens("val") > 0 for s in self.cfg.data.shards)
+
+    def next_batch(self):
+        """The next micro-batch of this rank (what :meth:`loss` takes)."""
+        return torch.from_numpy(self.loader.next_batch())  # (B, T+1) int64
+
     def _eval_due(self) -> bool:
         every = self.cfg.train.eval_every
         return bool(every) and self.state.step % every == 0 and self._has_val
@@ -104,7 +111,7 @@ class Trainer:
         skip = False
         last_good: torch.Tensor | None = None
         for k in range(self.plan.grad_accum_steps):
-            batch = torch.from_numpy(self.loader.next_batch())  # (B, T+1) int64
+            batch = self.next_batch()
             if skip:
                 continue  # the step is skipped: consume its data so the position stays exact
             loss = self.loss(batch, micro_step=k)
@@ -122,7 +129,8 @@ class Trainer:
             self.engine.backward(loss)
             self.engine.step()
         self.state.step += 1
-        self.state.tokens_seen += self.plan.tokens_per_step
+        step_tokens = self.step_tokens()
+        self.state.tokens_seen += step_tokens
         if skip:
             self.state.skipped_steps += 1
             self.state.consecutive_skips += 1
@@ -133,7 +141,13 @@ class Trainer:
                 )
         else:
             self.state.consecutive_skips = 0
-        return self._step_metrics(losses, skip, time.perf_counter() - t0)
+        metrics = self._step_metrics(losses, skip, time.perf_counter() - t0)
+        metrics["train/step_tokens"] = float(step_tokens)  # for tokens/s and MFU (not logged itself)
+        return metrics
+
+    def step_tokens(self) -> int:
+        """Training tokens of the step just taken, all ranks together (packed windows: all of them)."""
+        return self.plan.tokens_per_step
 
     def _step_metrics(self, losses: list[torch.Tensor], skipped: bool, seconds: float) -> dict[str, float]:
         loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))

@@ -1,0 +1,1 @@
+"""Fine-tuning: restore pretraining checkpoints and train task heads (see finetune/run.py)."""

@@ -1,0 +1,361 @@
+"""Restoring the pretrained backbone, putting a task head on it, freezing, and exporting.
+
+``init_from`` may be a pretrain run directory (its ``latest`` checkpoint), one
+``checkpoints/step_N`` directory, or a Hugging Face directory made by ``pretrain.export``. A
+DeepSpeed checkpoint — any ZeRO stage, any world size — is merged once by rank 0 with
+``pretrain.export`` into ``RUN_DIR/backbone/`` (a Hugging Face directory); every rank then loads that.
+
+The trained module is :class:`FinetuneModule`: the transformers task model (e.g.
+``LlamaForSequenceClassification``) whose heads are applied here to the backbone's hidden states,
+plus the pretrained LM head for the auxiliary loss. Its ``task_model`` is what gets exported.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from finetune.config import FinetuneConfig
+from finetune.tasks import IGNORE, Task
+from lmforge.config import load_config
+from lmforge.errors import ConfigError
+from lmforge.log import print0
+from pretrain.checkpoint import CKPT, STATE, CheckpointError, is_complete, latest_checkpoint, read_state
+from pretrain.config import ModelConfig, PretrainConfig
+
+BACKBONE = "backbone"
+SOURCE = "lmforge_source.json"  # in RUN_DIR/backbone: which checkpoint it was made from
+
+
+@dataclass(frozen=True)
+class Backbone:
+    hf_dir: Path  # a Hugging Face directory with the pretrained LM (weights, config, tokenizer)
+    model: ModelConfig
+    source: dict[str, Any]  # where it came from (for metrics.json and resume checks)
+
+
+# ---------------------------------------------------------------- init_from
+def _is_hf_dir(p: Path) -> bool:
+    return (p / "config.json").is_file() and any(p.glob("*.safetensors"))
+
+
+def find_checkpoint(init_from: str) -> Path | None:
+    """The step directory ``init_from`` names (a run dir → its latest), or None for an HF dir."""
+    p = Path(init_from)
+    if not p.exists():
+        raise ConfigError(f"init_from: {p} does not exist; give a pretrain run dir, a checkpoints/step_N dir or an HF export")
+    if _is_hf_dir(p):
+        return None
+    if (p / CKPT).is_dir():
+        step = latest_checkpoint(p)
+        if step is None:
+            raise CheckpointError(f"init_from: {p} has no complete checkpoint under {CKPT}/; pretrain first")
+        return step
+    if (p / STATE).is_file() or p.name.startswith("step_"):
+        if not is_complete(p):
+            raise CheckpointError(f"init_from: {p} is incomplete (no {STATE}: its save was interrupted); pick another step")
+        return p
+    raise ConfigError(f"init_from: {p} is neither a pretrain run dir, a checkpoint step dir nor a Hugging Face "
+                      "directory (config.json + *.safetensors)")
+
+
+def resolve_backbone(cfg: FinetuneConfig, rank: int) -> Backbone:
+    """Make sure an HF directory of the pretrained model exists (rank 0 exports a checkpoint once)."""
+    step_dir = find_checkpoint(cfg.init_from)
+    if step_dir is None:
+        hf_dir = Path(cfg.init_from)
+        return Backbone(hf_dir, model_config_from_hf(hf_dir), {"hf_dir": str(hf_dir.resolve())})
+    pre_run = step_dir.parent.parent
+    state = read_state(step_dir)
+    source = {"run_dir": str(pre_run.resolve()), "step": state["step"], "world_size": state["world_size"],
+              "zero_stage": state["zero_stage"], "saved_at": state["saved_at"]}
+    out = Path(cfg.run_dir) / BACKBONE
+    if rank == 0:
+        done = out / SOURCE
+        if not (done.is_file() and json.loads(done.read_text()) == source):
+            from pretrain.export import export
+
+            print0(f"restoring {step_dir} (ZeRO-{state['zero_stage']}, {state['world_size']} rank(s)) → {out}")
+            export(pre_run, out, step=state["step"])
+            (out / SOURCE).write_text(json.dumps(source, indent=1))
+    if dist.is_initialized():
+        dist.barrier()
+    model = load_config(PretrainConfig, pre_run / "config.yaml").model
+    return Backbone(out, model, source)
+
+
+def model_config_from_hf(hf_dir: Path) -> ModelConfig:
+    """The lmforge ModelConfig of an exported Llama/BERT directory (for checks and FLOP counts)."""
+    c = json.loads((hf_dir / "config.json").read_text())
+    if c.get("model_type") == "llama":
+        return ModelConfig(kind="causal", hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+                           num_heads=c["num_attention_heads"], num_kv_heads=c.get("num_key_value_heads"),
+                           intermediate_size=c["intermediate_size"], max_seq_len=c["max_position_embeddings"],
+                           tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+                           rope_theta=float((c.get("rope_parameters") or {}).get("rope_theta", c.get("rope_theta", 1e4))))
+    if c.get("model_type") == "bert":
+        return ModelConfig(kind="masked", hidden_size=c["hidden_size"], num_layers=c["num_hidden_layers"],
+                           num_heads=c["num_attention_heads"], intermediate_size=c["intermediate_size"],
+                           max_seq_len=c["max_position_embeddings"], dropout=c.get("hidden_dropout_prob", 0.0))
+    raise ConfigError(f"init_from: {hf_dir} holds a '{c.get('model_type')}' model; lmforge fine-tunes llama and bert")
+
+
+def load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(hf_dir.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
+# ---------------------------------------------------------------- the task model
+def task_model_class(task: Task, kind: str):
+    import transformers as T
+
+    names = {
+        ("sequence_classification", "causal"): "LlamaForSequenceClassification",
+        ("sequence_classification", "masked"): "BertForSequenceClassification",
+        ("token_classification", "causal"): "LlamaForTokenClassification",
+        ("token_classification", "masked"): "BertForTokenClassification",
+        ("question_answering", "causal"): "LlamaForQuestionAnswering",
+        ("question_answering", "masked"): "BertForQuestionAnswering",
+        ("sft", "causal"): "LlamaForCausalLM",
+    }
+    return getattr(T, names[(task.name, kind)])
+
+
+def base_of(task_model: nn.Module) -> nn.Module:
+    return getattr(task_model, task_model.base_model_prefix)
+
+
+def blocks_of(base: nn.Module) -> nn.ModuleList:
+    return base.layers if hasattr(base, "layers") else base.encoder.layer
+
+
+def embeddings_of(base: nn.Module) -> list[nn.Module]:
+    return [base.embed_tokens] if hasattr(base, "embed_tokens") else [base.embeddings]
+
+
+class FinetuneModule(nn.Module):
+    """Backbone + task head (+ the pretrained LM head for ``aux_lm_weight``); returns its loss."""
+
+    def __init__(self, task: Task, task_model: nn.Module, kind: str, aux_weight: float, lm_head: nn.Module | None):
+        super().__init__()
+        self.task_name, self.kind, self.aux_weight = task.name, kind, aux_weight
+        self.task_model = task_model
+        self.lm_head = lm_head  # causal: Linear(d, V); masked: BERT's MLM head; None without the auxiliary loss
+
+    @property
+    def config(self):
+        return self.task_model.config
+
+    def gradient_checkpointing_enable(self, **kwargs) -> None:
+        self.task_model.gradient_checkpointing_enable(**kwargs)
+
+    def _hidden(self, input_ids, attention_mask, token_type_ids):
+        base = base_of(self.task_model)
+        if self.kind == "causal":
+            out = base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        else:
+            out = base(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids)
+        return out
+
+    def forward(self, input_ids, attention_mask, token_type_ids=None, labels=None, start_positions=None,
+                end_positions=None, mlm_input_ids=None, mlm_labels=None) -> dict[str, torch.Tensor]:
+        tm = self.task_model
+        out = self._hidden(input_ids, attention_mask, token_type_ids)
+        h = out.last_hidden_state  # (B, T, d), after the final norm
+        res: dict[str, torch.Tensor] = {}
+        if self.task_name == "sequence_classification":
+            if self.kind == "causal":  # as LlamaForSequenceClassification: the rightmost non-pad token
+                logits = tm.score(h)
+                non_pad = (input_ids != tm.config.pad_token_id).int()
+                last = (torch.arange(input_ids.shape[1], device=h.device) * non_pad).argmax(-1)
+                logits = logits[torch.arange(h.shape[0], device=h.device), last]
+            else:  # as BertForSequenceClassification: the pooled first token
+                logits = tm.classifier(tm.dropout(out.pooler_output))
+            res["logits"] = logits
+            loss = F.cross_entropy(logits.float(), labels) if labels is not None else None
+        elif self.task_name == "token_classification":
+            head = tm.score if self.kind == "causal" else tm.classifier
+            logits = head(tm.dropout(h))
+            res["logits"] = logits
+            loss = (F.cross_entropy(logits.float().flatten(0, 1), labels.flatten(), ignore_index=IGNORE)
+                    if labels is not None else None)
+        elif self.task_name == "question_answering":
+            s, e = tm.qa_outputs(h).float().split(1, dim=-1)
+            s, e = s.squeeze(-1), e.squeeze(-1)
+            res["start_logits"], res["end_logits"] = s, e
+            loss = None
+            if start_positions is not None:
+                n = s.shape[1]
+                loss = (F.cross_entropy(s, start_positions.clamp(0, n), ignore_index=n)
+                        + F.cross_entropy(e, end_positions.clamp(0, n), ignore_index=n)) / 2
+        else:  # sft
+            logits = tm.lm_head(h)
+            res["logits"] = logits
+            loss = None
+            if labels is not None:
+                loss = F.cross_entropy(logits[:, :-1].float().flatten(0, 1), labels[:, 1:].flatten(), ignore_index=IGNORE)
+        if loss is None:
+            return res
+        res["task_loss"] = loss
+        if self.aux_weight and self.lm_head is not None:
+            lm = self.aux_lm_loss(h, input_ids, attention_mask, token_type_ids, mlm_input_ids, mlm_labels)
+            res["lm_loss"] = lm
+            loss = loss + self.aux_weight * lm
+        res["loss"] = loss
+        return res
+
+    def aux_lm_loss(self, h, input_ids, attention_mask, token_type_ids, mlm_input_ids, mlm_labels) -> torch.Tensor:
+        """Causal: next-token loss of the task text (same forward). Masked: MLM on a masked copy."""
+        if self.kind == "causal":
+            logits = self.lm_head(h[:, :-1]).float()
+            targets = input_ids[:, 1:].masked_fill(attention_mask[:, 1:] == 0, IGNORE)
+            return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=IGNORE)
+        h2 = self._hidden(mlm_input_ids, attention_mask, token_type_ids).last_hidden_state
+        logits = self.lm_head(h2).float()
+        return F.cross_entropy(logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE)
+
+
+def build_module(cfg: FinetuneConfig, task: Task, backbone: Backbone) -> FinetuneModule:
+    """The task model with the pretrained weights (seed first: heads are freshly initialised)."""
+    from transformers import AutoConfig
+
+    kind = backbone.model.kind
+    conf = AutoConfig.from_pretrained(backbone.hf_dir)
+    if task.labels:
+        conf.num_labels = task.num_labels
+        conf.update(task.hf_label_maps())
+    cls = task_model_class(task, kind)
+    tm = cls(conf)
+    sd = load_hf_weights(backbone.hf_dir)
+    if not cfg.transfer.random_init:
+        _load_backbone(tm, task, kind, sd, backbone.hf_dir)
+    lm_head = _lm_head(tm, kind, conf, sd, cfg) if cfg.transfer.aux_lm_weight else None
+    module = FinetuneModule(task, tm, kind, cfg.transfer.aux_lm_weight, lm_head)
+    apply_freezing(module, cfg)
+    return module
+
+
+def _load_backbone(tm: nn.Module, task: Task, kind: str, sd: dict[str, torch.Tensor], where: Path) -> None:
+    if task.name == "sft":
+        from pretrain.export import load_weights
+
+        load_weights(tm, sd, where)
+        return
+    prefix = "model." if kind == "causal" else "bert."
+    base_sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+    missing, unexpected = base_of(tm).load_state_dict(base_sd, strict=False)
+    missing = [k for k in missing if not k.startswith("pooler.")]  # BERT's pooler is part of the new head
+    if missing or unexpected:
+        raise CheckpointError(f"{where}: backbone weights do not fit the {type(tm).__name__} "
+                              f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def _lm_head(tm: nn.Module, kind: str, conf, sd: dict[str, torch.Tensor], cfg: FinetuneConfig) -> nn.Module:
+    """The pretrained LM head (tied to the input embeddings where the backbone ties them)."""
+    base = base_of(tm)
+    if kind == "causal":
+        head = nn.Linear(conf.hidden_size, conf.vocab_size, bias=False)
+        if getattr(conf, "tie_word_embeddings", False) or "lm_head.weight" not in sd:
+            head.weight = base.embed_tokens.weight
+        elif not cfg.transfer.random_init:
+            head.weight.data.copy_(sd["lm_head.weight"])
+        return head
+    from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+
+    head = BertOnlyMLMHead(conf)
+    if not cfg.transfer.random_init:
+        missing, _ = head.load_state_dict({k[len("cls."):]: v for k, v in sd.items() if k.startswith("cls.")},
+                                          strict=False)
+        if [k for k in missing if k != "predictions.decoder.weight"]:
+            raise CheckpointError(f"the backbone has no complete MLM head for aux_lm_weight (missing {missing[:3]})")
+    head.predictions.decoder.weight = base.embeddings.word_embeddings.weight
+    return head
+
+
+def apply_freezing(module: FinetuneModule, cfg: FinetuneConfig) -> None:
+    t = cfg.transfer
+    base = base_of(module.task_model)
+    blocks = blocks_of(base)
+    if t.freeze_layers > len(blocks):
+        raise ConfigError(f"transfer.freeze_layers {t.freeze_layers} exceeds the backbone's {len(blocks)} layers")
+    frozen: list[nn.Module] = []
+    if t.freeze_backbone:
+        frozen += [m for name, m in base.named_children() if name != "pooler"]  # BERT's pooler is a new head layer
+    if t.freeze_embeddings:
+        frozen += embeddings_of(base)
+    frozen += list(blocks[: t.freeze_layers])
+    for m in frozen:
+        for p in m.parameters():
+            p.requires_grad_(False)
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """0 = embeddings, i+1 = block i, L+1 = final norm, pooler and heads (for layer-wise lr decay)."""
+    import re
+
+    if "embed" in name:
+        return 0
+    m = re.search(r"\.(?:layers|layer)\.(\d+)\.", name)
+    if m:
+        return int(m.group(1)) + 1
+    return num_layers + 1
+
+
+def param_groups(module: FinetuneModule, cfg: FinetuneConfig) -> list[dict[str, Any]] | None:
+    """Per-layer groups for layer-wise lr decay (None: the engine's default two groups)."""
+    decay = cfg.transfer.layerwise_lr_decay
+    if decay == 1.0:
+        return None
+    L = len(blocks_of(base_of(module.task_model)))
+    groups: dict[tuple[int, bool], dict[str, Any]] = {}
+    seen: set[int] = set()
+    for name, p in module.named_parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        lid = layer_id(name, L)
+        wd = p.ndim >= 2
+        g = groups.setdefault((lid, wd), {"params": [], "lr": cfg.optim.lr * decay ** (L + 1 - lid),
+                                           "weight_decay": cfg.optim.weight_decay if wd else 0.0})
+        g["params"].append(p)
+    return [groups[k] for k in sorted(groups)]
+
+
+# ---------------------------------------------------------------- export
+def export_task_model(state_dict: dict[str, torch.Tensor], task: Task, backbone: Backbone, out: Path, tok) -> Path:
+    """Write the fine-tuned task model as a Hugging Face directory (label names in its config)."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    from pretrain.export import load_weights
+
+    conf = AutoConfig.from_pretrained(backbone.hf_dir)
+    if task.labels:
+        conf.num_labels = task.num_labels
+        conf.update(task.hf_label_maps())
+    tm = task_model_class(task, backbone.model.kind)(conf)
+    sd = {k[len("task_model."):]: v for k, v in state_dict.items() if k.startswith("task_model.")}
+    load_weights(tm, sd, out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tm.save_pretrained(tmp, safe_serialization=True)
+    if (backbone.hf_dir / "generation_config.json").is_file() and task.name == "sft":
+        shutil.copy(backbone.hf_dir / "generation_config.json", tmp / "generation_config.json")
+    tok.save(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out

@@ -1,0 +1,301 @@
+"""The fine-tuning loop: pretraining's :class:`~pretrain.trainer.Trainer` with task batches, a task
+loss and task evaluation. Step, skip-on-NaN, gradient accumulation, checkpoints, signals and
+TensorBoard are the shared code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from finetune.data import Example
+from finetune.tasks import IGNORE, SFT, Task
+from lmforge.errors import ConfigError
+from pretrain.checkpoint import CheckpointError
+from pretrain.trainer import Callback, Trainer
+
+
+class TaskLoader:
+    """Deterministic, resumable, rank-sharded batches of encoded features.
+
+    The global order is a seeded permutation per epoch; optimizer step s uses global samples
+    [s·G, (s+1)·G) (G = global batch), micro-batch k of rank r the slice
+    ``k·(micro·ranks) + r·micro`` of it — independent of how many ranks there are, like the
+    pretraining loader. Its state is the number of samples consumed.
+    """
+
+    def __init__(self, feats: list[dict[str, Any]], micro: int, grad_accum: int, rank: int, world: int, seed: int,
+                 collate):
+        self.feats, self.micro, self.accum, self.rank, self.world, self.seed = feats, micro, grad_accum, rank, world, seed
+        self.collate = collate
+        self.consumed = 0  # global samples of completed optimizer steps
+        self._micro_calls = 0  # micro-batches served since the last step boundary
+        self._perm_cache: dict[int, np.ndarray] = {}
+        h = hashlib.sha256(json.dumps([f["input_ids"] for f in feats]).encode())
+        h.update(json.dumps([f.get("labels", f.get("start_positions")) for f in feats]).encode())
+        self.fingerprint = h.hexdigest()
+
+    @property
+    def global_batch(self) -> int:
+        return self.micro * self.world * self.accum
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._perm_cache:
+            self._perm_cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(len(self.feats))}
+        return self._perm_cache[epoch]
+
+    def next_batch(self) -> dict[str, torch.Tensor]:
+        k = self._micro_calls
+        start = self.consumed + k * self.micro * self.world + self.rank * self.micro
+        idx = []
+        for g in range(start, start + self.micro):
+            epoch, pos = divmod(g, len(self.feats))
+            idx.append(int(self._perm(epoch)[pos]))
+        self._micro_calls += 1
+        if self._micro_calls == self.accum:
+            self._micro_calls = 0
+            self.consumed += self.global_batch
+        return self.collate([self.feats[i] for i in idx])
+
+    @property
+    def epoch(self) -> float:
+        return self.consumed / len(self.feats)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"consumed": self.consumed, "seed": self.seed, "fingerprint": self.fingerprint}
+
+    def load_state_dict(self, sd: dict[str, Any], allow_data_change: bool = False) -> None:
+        if sd["fingerprint"] != self.fingerprint and not allow_data_change:
+            raise CheckpointError("the fine-tuning data changed since the checkpoint was saved; "
+                                     "pass --resume.allow_data_change=true to continue on the new data")
+        self.consumed, self._micro_calls = sd["consumed"], 0
+
+
+class FinetuneTrainer(Trainer):
+    def __init__(self, cfg, engine, loader: TaskLoader, dist_info, plan, special_ids, task: Task,
+                 splits: dict[str, tuple[list[Example], list[dict[str, Any]]]], callbacks=None, tokenizer_sha256=None,
+                 mask_id: int | None = None):
+        self.task, self.splits, self.mask_id = task, splits, mask_id
+        self.best: dict[str, Any] | None = None  # {"metric", "value", "step"}
+        self.evals_without_improvement = 0
+        self.early_stopped = False
+        self._local_tokens = 0
+        self.last_generations: list[dict[str, str]] = []
+        super().__init__(cfg, engine, loader, dist_info, plan, special_ids, callbacks, tokenizer_sha256)
+
+    def has_validation(self) -> bool:
+        return bool(self.splits.get("validation", ([], []))[1])
+
+    def next_batch(self):
+        batch = self.loader.next_batch()
+        self._local_tokens += int(batch["attention_mask"].sum())
+        return batch
+
+    def step_tokens(self) -> int:
+        """Real (unpadded) tokens of the step, all ranks together."""
+        n = torch.tensor([float(self._local_tokens)], device=self.dist.device)
+        self._local_tokens = 0
+        if self.dist.world_size > 1:
+            dist.all_reduce(n)
+        return int(n.item())
+
+    def _eval_due(self) -> bool:
+        every = self.cfg.train.eval_every or self.steps_per_epoch
+        return bool(every) and self.state.step % every == 0 and self._has_val
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return max(1, math.ceil(len(self.loader.feats) / self.loader.global_batch))
+
+    # ------------------------------------------------------------------ objective
+    def _prepare(self, batch: dict[str, torch.Tensor], micro_step: int, train: bool) -> dict[str, torch.Tensor]:
+        batch = {k: v.to(self.dist.device) for k, v in batch.items()}
+        if self.cfg.transfer.aux_lm_weight and self.task.kind == "masked":
+            from pretrain.model import apply_mlm_masking
+
+            g = torch.Generator().manual_seed(
+                hash((self.cfg.train.seed, self.state.step if train else -1, micro_step, self.dist.rank)) & 0x7FFFFFFF)
+            specials = [v for k, v in self.special_ids.items() if k != "mask"]
+            inputs, labels = apply_mlm_masking(batch["input_ids"].cpu(), self.mask_id, self.engine.module.config.vocab_size,
+                                               specials, probability=0.15, generator=g)
+            batch["mlm_input_ids"], batch["mlm_labels"] = inputs.to(self.dist.device), labels.to(self.dist.device)
+        return batch
+
+    def loss(self, batch, micro_step: int = 0, train: bool = True) -> torch.Tensor:
+        out = self.engine(**self._prepare(batch, micro_step, train))
+        self._last_parts = {k: float(out[k].detach()) for k in ("task_loss", "lm_loss") if k in out}
+        loss = out["loss"]
+        if train and (self.state.step + 1) in self._nan_steps and micro_step == 0:
+            loss = loss * float("nan")
+        return loss
+
+    def _step_metrics(self, losses, skipped, seconds):
+        m = super()._step_metrics(losses, skipped, seconds)
+        for k, v in getattr(self, "_last_parts", {}).items():
+            m[f"train/{k}"] = v  # this rank's last micro-batch (the shared loss above is all-reduced)
+        m["train/epoch"] = self.loader.epoch
+        return m
+
+    # ------------------------------------------------------------------ evaluation
+    @torch.no_grad()
+    def run_split(self, split: str) -> tuple[dict[str, float], list[Any]]:
+        """Loss and task metrics over a whole split; every rank runs the same number of batches
+        (ZeRO-3 gathers parameters collectively), padding its last one with ignored rows."""
+        examples, feats = self.splits[split]
+        self.engine.eval()
+        B = self.plan.micro_batch_per_rank
+        mine = list(range(self.dist.rank, len(feats), self.dist.world_size))
+        n_batches = math.ceil(math.ceil(len(feats) / self.dist.world_size) / B)
+        preds: list[tuple[int, Any]] = []
+        total = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # (loss sum, label units)
+        for b in range(n_batches):
+            idx = mine[b * B:(b + 1) * B]
+            rows = [feats[i] for i in idx] + [_ignored(feats[0])] * (B - len(idx))
+            batch = self._prepare(self.task.collate(rows), b, train=False)
+            out = self.engine(**batch)
+            units = _label_units(batch)
+            if units:
+                total += torch.tensor([float(out["task_loss"]) * units, units], dtype=torch.float64,
+                                      device=self.dist.device)
+            if idx:
+                real = len(idx)
+                p = self.task.predictions({k: v[:real] for k, v in out.items() if v.dim() > 0},
+                                          {k: v[:real] for k, v in batch.items()})
+                preds += list(zip(idx, p))
+        if self.dist.world_size > 1:
+            dist.all_reduce(total)
+            gathered: list[Any] = [None] * self.dist.world_size
+            dist.all_gather_object(gathered, preds)
+            preds = [x for g in gathered for x in g]
+        preds.sort(key=lambda t: t[0])
+        metrics = {"loss": float(total[0] / total[1]) if total[1] else float("nan")}
+        metrics.update(self.task.score(examples, feats, [p for _, p in preds]))
+        self.engine.train()
+        return metrics, preds
+
+    def evaluate(self) -> dict[str, float]:
+        if not self._has_val:
+            return {}
+        m, _ = self.run_split("validation")
+        metrics = {f"eval/{k}": v for k, v in m.items()}
+        if isinstance(self.task, SFT):
+            metrics.update({f"eval/{k}": v for k, v in self.generate_samples("validation", self.cfg.task.num_samples).items()})
+        for cb in self.callbacks:
+            cb.on_eval_end(self, metrics)
+        return metrics
+
+    # ------------------------------------------------------------------ generation (sft)
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]]) -> list[list[int]]:
+        """Greedy continuations of token-id prompts (left-padded, no KV cache); every rank runs the
+        same number of forward passes, so it works under ZeRO-3."""
+        self.engine.eval()
+        out: list[list[int]] = []
+        pad, eos = self.special_ids["pad"], self.special_ids["eos"]
+        B = self.plan.micro_batch_per_rank
+        for s in range(0, len(prompts), B):
+            chunk = prompts[s:s + B]
+            n = max(len(p) for p in chunk)
+            ids = torch.tensor([[pad] * (n - len(p)) + p for p in chunk], device=self.dist.device)
+            mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in chunk], device=self.dist.device)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=self.dist.device)
+            new: list[list[int]] = [[] for _ in chunk]
+            for _ in range(self.cfg.task.max_new_tokens):
+                pos = (mask.cumsum(-1) - 1).clamp(min=0)
+                h = self.engine.module.task_model.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                                                        use_cache=False).last_hidden_state
+                nxt = self.engine.module.task_model.lm_head(h[:, -1]).argmax(-1)
+                for i, t in enumerate(nxt.tolist()):
+                    if not done[i]:
+                        if t == eos:
+                            done[i] = True
+                        else:
+                            new[i].append(t)
+                ids = torch.cat([ids, nxt[:, None]], 1)
+                mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
+            out += new
+        self.engine.train()
+        return out
+
+    def generate_samples(self, split: str, limit: int | None) -> dict[str, float]:
+        """Generate for the first ``limit`` prompts of ``split`` (all ranks the same ones) and score them."""
+        task: SFT = self.task  # type: ignore[assignment]
+        examples = self.splits[split][0][:limit] if limit else self.splits[split][0]
+        if not examples:
+            return {}
+        prompts = [[self.special_ids["bos"], *self.task.tok.encode(task.prompt(task._pair(ex)[0]))] for ex in examples]
+        texts = [self.task.tok.decode(g) for g in self.generate(prompts)]
+        self.last_generations = [{"instruction": task._pair(ex)[0], "reference": task._pair(ex)[1], "generated": t}
+                                 for ex, t in zip(examples, texts)]
+        return task.score_generations(examples, texts)
+
+    # ------------------------------------------------------------------ run state
+    def state_dict(self) -> dict[str, Any]:
+        sd = super().state_dict()
+        sd["finetune"] = {"best": self.best, "evals_without_improvement": self.evals_without_improvement}
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any], allow_data_change: bool = False) -> None:
+        super().load_state_dict(sd, allow_data_change)
+        ft = sd.get("finetune") or {}
+        self.best = ft.get("best")
+        self.evals_without_improvement = ft.get("evals_without_improvement", 0)
+
+
+def _ignored(feat: dict[str, Any]) -> dict[str, Any]:
+    """A copy of ``feat`` whose targets are all ignored (pads a rank's last evaluation batch)."""
+    f = dict(feat)
+    for k in ("labels",):
+        if k in f:
+            f[k] = [IGNORE] * len(f[k]) if isinstance(f[k], list) else IGNORE
+    for k in ("start_positions", "end_positions"):
+        if k in f:
+            f[k] = 10**9  # clamped to the sequence length: the ignored index of the QA loss
+    return f
+
+
+def _label_units(batch: dict[str, torch.Tensor]) -> int:
+    """How many targets the batch's task loss averages over."""
+    if "start_positions" in batch:
+        return int((batch["start_positions"] < batch["input_ids"].shape[1]).sum())
+    return int((batch["labels"] != IGNORE).sum())  # (sft: position 0 is never a target, so the shift changes nothing)
+
+
+class BestCheckpoint(Callback):
+    """After each validation: keep the best checkpoint (by ``train.select_metric``) and stop early
+    after ``early_stopping_patience`` validations without improvement."""
+
+    def __init__(self, metric: str, checkpointer):
+        self.metric = metric if metric.startswith("eval/") else f"eval/{metric}"
+        self.lower_is_better = self.metric.endswith("loss") or self.metric.endswith("ppl")
+        self.checkpointer = checkpointer
+
+    def on_eval_end(self, trainer: FinetuneTrainer, metrics: dict[str, float]) -> None:
+        from pretrain.checkpoint import mark_best, step_tag
+
+        if self.metric not in metrics:
+            raise ConfigError(f"train.select_metric: '{self.metric}' is not among the validation metrics "
+                                     f"{sorted(metrics)}")
+        value = metrics[self.metric]
+        best = trainer.best
+        better = best is None or (value < best["value"] if self.lower_is_better else value > best["value"])
+        if better:
+            trainer.best = {"metric": self.metric, "value": value, "step": trainer.state.step}
+            trainer.evals_without_improvement = 0
+            self.checkpointer._save(trainer, "best")
+            if trainer.dist.is_main:
+                from pathlib import Path
+
+                mark_best(trainer.cfg.run_dir, Path(trainer.cfg.run_dir) / "checkpoints" / step_tag(trainer.state.step),
+                          trainer.best)
+        else:
+            trainer.evals_without_improvement += 1
+            patience = trainer.cfg.train.early_stopping_patience
+            if patience and trainer.evals_without_improvement >= patience:
+                trainer.stop_requested = trainer.early_stopped = True
