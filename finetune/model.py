@@ -277,9 +277,10 @@ def _lm_head(tm: nn.Module, kind: str, conf, sd: dict[str, torch.Tensor], cfg: F
     if not cfg.transfer.random_init:
         missing, _ = head.load_state_dict({k[len("cls."):]: v for k, v in sd.items() if k.startswith("cls.")},
                                           strict=False)
-        if [k for k in missing if k != "predictions.decoder.weight"]:
+        if [k for k in missing if k not in ("predictions.decoder.weight", "predictions.decoder.bias")]:
             raise CheckpointError(f"the backbone has no complete MLM head for aux_lm_weight (missing {missing[:3]})")
-    head.predictions.decoder.weight = base.embeddings.word_embeddings.weight
+    head.predictions.decoder.weight = base.embeddings.word_embeddings.weight  # tied, as in BertForMaskedLM
+    head.predictions.decoder.bias = head.predictions.bias
     return head
 
 

@@ -187,6 +187,7 @@ def finish(trainer: FinetuneTrainer) -> dict[str, Any]:
             "n_params": trainer.n_params[0],
             "n_trainable_params": trainer.n_params[1],
             "examples": {k: len(v[0]) for k, v in trainer.splits.items()},
+            "features": {k: len(v[1]) for k, v in trainer.splits.items()},
             "init_from": {"path": cfg.init_from, **trainer.backbone.source},
             "random_init": cfg.transfer.random_init,
             "world_size": info.world_size,

@@ -1,0 +1,380 @@
+"""Fine-tuning with real DeepSpeed engines: restore from sharded pretraining checkpoints (another
+world size, ZeRO-3), the four tasks beat chance, freezing, the auxiliary LM loss, best-checkpoint
+selection, metrics.json + TensorBoard, and the exported model in transformers."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import finetune_data as fd
+import pytest
+import torch
+from conftest import REPO, read_scalars, run_stage, stage_env
+
+TINY = "configs/pretrain/tiny.yaml"
+FAST = ["--precision=fp32", "--optim.lr=2e-3", "--optim.warmup_steps=10", "--task.max_seq_len=64",
+        "--train.log_every=5"]
+
+
+def _pretrain(run_dir: Path, shards: Path, nproc: int, *extra: str) -> Path:
+    run_stage("pretrain", [TINY, f"--run_dir={run_dir}", f"--data.shards=[{shards}]", "--data.seq_len=64",
+                           "--train.max_steps=20", "--train.eval_every=0", "--train.eval_samples=8",
+                           "--train.micro_batch_size=4", "--optim.warmup_steps=3", *extra], nproc=nproc)
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def causal_zero3(tmp_path_factory, shards_dir) -> Path:
+    """A tiny causal model pretrained on 2 ranks with ZeRO-3 (its checkpoint is partitioned)."""
+    return _pretrain(tmp_path_factory.mktemp("pre") / "causal", shards_dir, 2, "--zero.stage=3")
+
+
+@pytest.fixture(scope="module")
+def masked_run(tmp_path_factory, shards_dir) -> Path:
+    return _pretrain(tmp_path_factory.mktemp("pre") / "masked", shards_dir, 1, "--model.kind=masked",
+                     "--model.dropout=0.0")
+
+
+def _finetune(preset: str, run_dir: Path, init_from: Path, train: Path, test: Path | None, *extra: str,
+              nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    args = [f"configs/finetune/{preset}.yaml", f"--run_dir={run_dir}", f"--init_from={init_from}",
+            f"--data.train={train}", *([f"--data.test={test}"] if test else []), *FAST, *extra]
+    return run_stage("finetune", args, nproc=nproc, check=check)
+
+
+def _cfg(**kw):
+    from finetune.config import FinetuneConfig
+    from lmforge.config import from_dict
+
+    return from_dict(FinetuneConfig, {"init_from": "x", "data": {"train": "x"}, **kw})
+
+
+def _metrics(run_dir: Path) -> dict:
+    return json.loads((run_dir / "metrics.json").read_text())
+
+
+def _pretrained_weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    from pretrain.checkpoint import latest_checkpoint
+    from pretrain.export import fp32_state_dict
+
+    return fp32_state_dict(latest_checkpoint(run_dir))
+
+
+def _safetensors(d: Path) -> dict[str, torch.Tensor]:
+    from finetune.model import load_hf_weights
+
+    return load_hf_weights(d)
+
+
+# ---------------------------------------------------------------- restore
+def test_restored_backbone_equals_the_2rank_zero3_checkpoint(tmp_path, causal_zero3):
+    from finetune.model import build_module, resolve_backbone
+    from finetune.tasks import SequenceClassification, Vocab
+
+    state = json.loads((causal_zero3 / "checkpoints" / "step_00000020" / "trainer_state.json").read_text())
+    assert state["world_size"] == 2 and state["zero_stage"] == 3
+    cfg = _cfg(run_dir=str(tmp_path / "ft"), init_from=str(causal_zero3))
+    backbone = resolve_backbone(cfg, rank=0)
+    assert backbone.model.kind == "causal" and backbone.source["world_size"] == 2
+    task = SequenceClassification(cfg, None, Vocab(1, 2, 3), "causal")
+    task.labels = ["a", "b"]
+    module = build_module(cfg, task, backbone)
+    pre = _pretrained_weights(causal_zero3)
+    base = module.task_model.model.state_dict()
+    compared = 0
+    for k, v in pre.items():
+        if k.startswith("model."):
+            assert torch.equal(base[k[len("model."):]], v), k
+            compared += 1
+    assert compared == len([k for k in base if "rotary" not in k]) > 10
+
+
+def test_classification_from_zero3_checkpoint_frozen_backbone_is_bit_identical(tmp_path, causal_zero3):
+    """2-rank ZeRO-3 pretrain → 1-process fine-tune of the head only: the exported backbone is exactly
+    the pretrained one, the head learned something."""
+    train, test = fd.classification(tmp_path / "train.csv", 200, 1), fd.classification(tmp_path / "test.csv", 80, 2)
+    run = tmp_path / "head_only"
+    _finetune("classify", run, causal_zero3 / "checkpoints" / "step_00000020", train, test,
+              "--transfer.freeze_backbone=true", "--train.max_steps=10", "--zero.stage=3")
+    exported = _safetensors(run / "export")
+    pre = _pretrained_weights(causal_zero3)
+    for k, v in pre.items():
+        if k.startswith("model."):
+            assert torch.equal(exported[k], v), k
+    m = _metrics(run)
+    assert m["n_trainable_params"] == 2 * 128 and m["init_from"]["zero_stage"] == 3 and m["world_size"] == 1
+
+
+# ---------------------------------------------------------------- the tasks
+def test_sequence_classification_beats_chance_and_exports(tmp_path, causal_zero3):
+    from transformers import AutoModelForSequenceClassification
+
+    from data_pipeline.tokenizer import Tokenizer
+    from finetune.data import read_records
+    from finetune.tasks import SequenceClassification, Vocab
+
+    train, test = fd.classification(tmp_path / "train.csv", 300, 1), fd.classification(tmp_path / "test.csv", 100, 2)
+    run = tmp_path / "cls"
+    _finetune("classify", run, causal_zero3, train, test, "--train.epochs=4")
+    m = _metrics(run)
+    assert m["test/accuracy"] >= 0.85 and m["test/macro_f1"] >= 0.85, m  # chance: 0.5
+    assert {"eval/loss", "eval/accuracy", "test/loss"} <= m.keys() and m["labels"] == ["bad", "good"]
+    assert m["examples"] == {"train": 270, "validation": 30, "test": 100}  # validation split from train
+    best = json.loads((run / "checkpoints" / "best").read_text())
+    assert best["metric"] == "eval/accuracy" and m["checkpoint"] == best["tag"]
+    tags = read_scalars(run)
+    assert {"train/loss", "train/lr", "train/tokens_per_sec", "eval/accuracy", "test/accuracy"} <= tags.keys()
+    assert tags["test/accuracy"][-1][1] == pytest.approx(m["test/accuracy"])
+
+    # the export loads in transformers with its label names and reproduces the test accuracy
+    model = AutoModelForSequenceClassification.from_pretrained(run / "export").eval()
+    assert model.config.id2label == {0: "bad", 1: "good"}
+    tok = Tokenizer.load(run / "export")
+    task = SequenceClassification(_cfg(task={"max_seq_len": 64}),
+                                  tok, Vocab(tok.bos_id, tok.eos_id, tok.pad_id), "causal")
+    task.labels = ["bad", "good"]
+    feats = task.encode(read_records(test), "test")
+    with torch.no_grad():
+        batch = task.collate(feats)
+        pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
+    acc = (pred == batch["labels"]).float().mean().item()
+    assert acc == pytest.approx(m["test/accuracy"], abs=1e-9)
+
+
+def test_masked_pairs_on_two_ranks_with_partial_freezing(tmp_path, masked_run):
+    """BERT-style backbone, text pairs from JSONL, 2 ranks ZeRO-2; the first layer frozen: it stays
+    bit-identical, the rest moves."""
+    train = fd.classification(tmp_path / "train.jsonl", 300, 1, fmt="jsonl", pair=True)
+    test = fd.classification(tmp_path / "test.jsonl", 100, 2, fmt="jsonl", pair=True)
+    run = tmp_path / "bert"
+    _finetune("classify", run, masked_run, train, test, "--train.epochs=6", "--zero.stage=2", "--optim.lr=1e-3",
+              "--train.micro_batch_size=8",
+              "--transfer.freeze_layers=1", nproc=2)
+    m = _metrics(run)
+    assert m["test/accuracy"] >= 0.8, m
+    pre, out = _pretrained_weights(masked_run), _safetensors(run / "export")
+    frozen = [k for k in pre if k.startswith("bert.encoder.layer.0.")]
+    moved = [k for k in pre if k.startswith("bert.encoder.layer.1.")]
+    assert frozen and moved
+    for k in frozen:
+        assert torch.equal(out[k], pre[k]), k
+    assert all(not torch.equal(out[k], pre[k]) for k in moved if k.endswith(".weight"))
+
+
+def test_token_classification_conll(tmp_path, causal_zero3):
+    from transformers import AutoModelForTokenClassification
+
+    train, test = fd.conll(tmp_path / "train.conll", 300, 1), fd.conll(tmp_path / "test.conll", 100, 2)
+    run = tmp_path / "ner"
+    _finetune("ner", run, causal_zero3, train, test, "--train.epochs=5", "--transfer.freeze_embeddings=true")
+    m = _metrics(run)
+    emb = "model.embed_tokens.weight"
+    assert torch.equal(_safetensors(run / "export")[emb], _pretrained_weights(causal_zero3)[emb])  # frozen
+    assert m["test/entity_f1"] >= 0.8, m  # the entity types are random to a model that has not learned
+    assert set(m["labels"]) == {"O", "B-PER", "B-LOC", "I-LOC"} and m["labels"][0] == "O"
+    model = AutoModelForTokenClassification.from_pretrained(run / "export")
+    assert set(model.config.label2id) == set(m["labels"])
+
+
+def test_question_answering_with_long_contexts(tmp_path, causal_zero3):
+    train, test = fd.squad(tmp_path / "train.json", 250, 1), fd.squad(tmp_path / "test.json", 60, 2)
+    run = tmp_path / "qa"
+    _finetune("qa", run, causal_zero3, train, test, "--task.doc_stride=16", "--train.epochs=4")
+    m = _metrics(run)
+    assert m["test/exact_match"] >= 0.7 and m["test/f1"] >= 0.7, m  # chance: ~0
+    assert m["features"]["test"] > m["examples"]["test"] == 60  # long contexts were split into windows
+
+
+def test_sft_from_an_hf_export(tmp_path, causal_zero3):
+    export = tmp_path / "hf"
+    run_stage("pretrain.export", [str(causal_zero3), "--out", str(export)])
+    train, test = fd.sft(tmp_path / "train.jsonl", 300, 1), fd.sft(tmp_path / "test.jsonl", 24, 2)
+    run = tmp_path / "sft"
+    _finetune("sft", run, export, train, test, "--train.epochs=10", "--task.max_new_tokens=4", "--task.num_samples=2")
+    m = _metrics(run)
+    assert m["test/exact_match"] >= 0.5 and m["eval/loss"] < 0.5, m  # 6 colours: chance ~0 for free generation
+    samples = [json.loads(x) for x in (run / "samples.jsonl").read_text().splitlines()]
+    assert len(samples) == 24 and sum(s["generated"] == s["reference"] for s in samples) / 24 == m["test/exact_match"]
+    assert m["init_from"]["hf_dir"] == str(export.resolve())
+
+
+# ---------------------------------------------------------------- the auxiliary LM loss
+@pytest.mark.parametrize("kind", ["causal", "masked"])
+def test_aux_lm_loss_is_task_plus_lambda_lm(tmp_path, causal_zero3, masked_run, kind):
+    """L = L_task + λ L_lm, with L_task as transformers' task model computes it and L_lm as the
+    pretrained LM computes it on the same text."""
+    from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
+
+    from data_pipeline.tokenizer import Tokenizer
+    from finetune.model import build_module, resolve_backbone
+    from finetune.tasks import SequenceClassification, Vocab
+    from pretrain.model import apply_mlm_masking
+
+    src = causal_zero3 if kind == "causal" else masked_run
+    cfg = _cfg(run_dir=str(tmp_path / "ft"), init_from=str(src), transfer={"aux_lm_weight": 0.5},
+               task={"max_seq_len": 64})
+    backbone = resolve_backbone(cfg, rank=0)
+    tok = Tokenizer.load(backbone.hf_dir)
+    task = SequenceClassification(cfg, tok, Vocab(tok.bos_id, tok.eos_id, tok.pad_id), kind)
+    task.labels = ["bad", "good"]
+    fd.classification(tmp_path / "d.csv", 6, 3)
+    from finetune.data import read_records
+
+    batch = task.collate(task.encode(read_records(tmp_path / "d.csv"), "train"))
+    torch.manual_seed(0)
+    module = build_module(cfg, task, backbone).eval()
+    extra = {}
+    if kind == "masked":
+        mask = tok.token_to_id("<mask>")
+        inputs, labels = apply_mlm_masking(batch["input_ids"], mask, tok.vocab_size, [0, 1, 2, 3],
+                                           generator=torch.Generator().manual_seed(1))
+        extra = {"mlm_input_ids": inputs, "mlm_labels": labels}
+    with torch.no_grad():
+        out = module(**batch, **extra)
+        ref_task = module.task_model(**{k: v for k, v in batch.items()}).loss
+        if kind == "causal":
+            lm = AutoModelForCausalLM.from_pretrained(backbone.hf_dir).eval()
+            targets = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+            ref_lm = lm(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=targets).loss
+        else:
+            lm = AutoModelForMaskedLM.from_pretrained(backbone.hf_dir).eval()
+            ref_lm = lm(input_ids=extra["mlm_input_ids"], attention_mask=batch["attention_mask"],
+                        token_type_ids=batch["token_type_ids"], labels=extra["mlm_labels"]).loss
+    assert out["task_loss"].item() == pytest.approx(ref_task.item(), rel=1e-5)
+    assert out["lm_loss"].item() == pytest.approx(ref_lm.item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(out["task_loss"].item() + 0.5 * out["lm_loss"].item(), rel=1e-6)
+    assert out["lm_loss"].item() < math.log(tok.vocab_size)  # the pretrained head, not a fresh one
+
+
+def test_aux_lm_weight_in_training_logs_both_parts(tmp_path, causal_zero3):
+    train = fd.classification(tmp_path / "train.csv", 100, 1)
+    run = tmp_path / "aux"
+    _finetune("classify", run, causal_zero3, train, None, "--transfer.aux_lm_weight=0.3", "--train.max_steps=6",
+              "--train.log_every=1")
+    s = read_scalars(run)
+    assert {"train/task_loss", "train/lm_loss"} <= s.keys()
+    assert all(v > 0 for _, v in s["train/lm_loss"])
+
+
+# ---------------------------------------------------------------- units: metrics, encodings, groups
+def test_entity_f1_matches_seqeval_semantics():
+    from finetune.metrics import entities, entity_prf
+
+    assert entities(["B-PER", "I-PER", "O", "B-LOC"]) == {("PER", 0, 1), ("LOC", 3, 3)}
+    assert entities(["I-PER", "I-PER", "B-PER"]) == {("PER", 0, 1), ("PER", 2, 2)}  # I after O starts a chunk
+    assert entities(["B-PER", "I-LOC"]) == {("PER", 0, 0), ("LOC", 1, 1)}
+    assert entities(["S-PER", "B-LOC", "I-LOC", "E-LOC", "S-LOC"], "BIOES") == {
+        ("PER", 0, 0), ("LOC", 1, 3), ("LOC", 4, 4)}
+    r = entity_prf([["B-PER", "O", "B-LOC"]], [["B-PER", "O", "B-ORG"]])
+    assert r["entity_precision"] == 0.5 and r["entity_recall"] == 0.5 and r["entity_f1"] == 0.5
+
+
+def test_squad_metrics():
+    from finetune.metrics import squad_scores
+
+    s = squad_scores(["The Eiffel tower!", "blue"], [["eiffel tower"], ["dark blue", "navy"]])
+    assert s["exact_match"] == 0.5 and s["f1"] == pytest.approx((1 + 2 / 3) / 2)
+
+
+def _task(kind_of_task: str, tok_dir: Path, **task_kw):
+    from data_pipeline.tokenizer import Tokenizer
+    from finetune.tasks import TASK_CLASSES, Vocab
+
+    tok = Tokenizer.load(tok_dir)
+    cfg = _cfg(task={"type": kind_of_task, **task_kw})
+    return TASK_CLASSES[kind_of_task](cfg, tok, Vocab(tok.bos_id, tok.eos_id, tok.pad_id), "causal"), tok
+
+
+def test_qa_windows_point_at_the_answer(tmp_path, tokenizer_dir):
+    from finetune.data import read_squad
+
+    task, tok = _task("question_answering", tokenizer_dir, max_seq_len=48, doc_stride=12)
+    exs = read_squad(fd.squad(tmp_path / "q.json", 8, 5, long_every=1))
+    feats = task.encode(exs, "train")
+    assert len(feats) > len(exs)  # every context is long: split
+    hits = 0
+    for f in feats:
+        ex = exs[f["example"]]
+        if f["start_positions"]:
+            a, b = f["start_positions"] - f["offset"], f["end_positions"] - f["offset"]
+            text = ex.fields["context"][f["spans"][a][0]:f["spans"][b][1]]
+            assert text.strip() == ex.fields["answers"][0][0]
+            hits += 1
+        assert len(f["input_ids"]) <= 48
+    assert hits >= len(exs)  # each answer lies whole in at least one window
+
+
+def test_sft_loss_only_on_the_response_and_packing(tmp_path, tokenizer_dir):
+    from finetune.data import read_records
+
+    task, tok = _task("sft", tokenizer_dir, max_seq_len=128)
+    exs = read_records(fd.sft(tmp_path / "s.jsonl", 10, 1))
+    feats = task.encode(exs, "validation")
+    for f, ex in zip(feats, exs):
+        resp = [i for i, lab in zip(f["input_ids"], f["labels"]) if lab != -100]
+        assert tok.decode(resp) == ex.fields["response"] and resp[-1] == tok.eos_id
+        assert tok.decode(f["input_ids"][: f["prompt_len"]]).endswith("### Response:\n")
+    task.cfg.task.packing = True
+    packed = task.encode(exs, "train")
+    assert len(packed) < len(feats) and all(len(p["input_ids"]) <= 128 for p in packed)
+    assert sum(len(p["input_ids"]) for p in packed) == sum(len(f["input_ids"]) for f in feats)
+
+
+def test_layerwise_lr_decay_groups(tmp_path, causal_zero3):
+    from finetune.model import build_module, param_groups, resolve_backbone
+    from finetune.tasks import SequenceClassification, Vocab
+
+    cfg = _cfg(run_dir=str(tmp_path / "ft"), init_from=str(causal_zero3), transfer={"layerwise_lr_decay": 0.5},
+               optim={"lr": 1.0})
+    task = SequenceClassification(cfg, None, Vocab(1, 2, 3), "causal")
+    task.labels = ["a", "b"]
+    module = build_module(cfg, task, resolve_backbone(cfg, rank=0))
+    groups = param_groups(module, cfg)
+    lr_of = {id(p): g["lr"] for g in groups for p in g["params"]}
+    named = dict(module.named_parameters())
+    L = 4
+    assert lr_of[id(named["task_model.model.embed_tokens.weight"])] == 0.5 ** (L + 1)
+    assert lr_of[id(named["task_model.model.layers.0.mlp.up_proj.weight"])] == 0.5 ** L
+    assert lr_of[id(named["task_model.model.layers.3.mlp.up_proj.weight"])] == 0.5
+    assert lr_of[id(named["task_model.score.weight"])] == 1.0
+    assert sum(len(g["params"]) for g in groups) == len(list(module.parameters()))
+
+
+# ---------------------------------------------------------------- bad input
+def test_bad_input_is_one_line_naming_file_and_row(tmp_path, causal_zero3):
+    from finetune.data import read_conll, read_records, read_squad
+    from lmforge.errors import DataError
+
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match=r"empty.csv: no records"):
+        read_records(tmp_path / "empty.csv")
+    (tmp_path / "empty.conll").write_text("\n\n")
+    with pytest.raises(DataError, match=r"empty.conll: no sentences"):
+        read_conll(tmp_path / "empty.conll")
+    q = json.loads(fd.squad(tmp_path / "q.json", 3, 1).read_text())
+    q["data"][0]["paragraphs"][1]["qas"][0]["answers"][0]["answer_start"] = 10_000
+    (tmp_path / "bad.json").write_text(json.dumps(q))
+    with pytest.raises(DataError, match=r"bad.json data\[0\].paragraphs\[1\].qas\[0\]: answer .* outside the context"):
+        read_squad(tmp_path / "bad.json")
+
+    train = fd.classification(tmp_path / "train.csv", 40, 1)
+    (tmp_path / "nolabel.csv").write_text("text,category\nsome words,good\nmore words,bad\nother words,good\n")
+    (tmp_path / "newlabel.csv").write_text("text,label\nsome words,good\nother words,neutral\n")
+    cases = [
+        (["--data.train=" + str(tmp_path / "nolabel.csv")], r"nolabel.csv row \d: no column 'label' \(columns: category, text\)"),
+        (["--data.train=" + str(train), "--data.test=" + str(tmp_path / "newlabel.csv")],
+         r"newlabel.csv row 2: label 'neutral' is not among the training labels"),
+        (["--data.train=" + str(train), "--task.labels=[good,meh]"], r"train.csv row \d+: label 'bad' is not one of task.labels"),
+        (["--data.train=" + str(tmp_path / "empty.csv")], r"empty.csv: no records"),
+    ]
+    for i, (args, pattern) in enumerate(cases):
+        proc = subprocess.run([sys.executable, "-m", "finetune", "configs/finetune/classify.yaml",
+                               f"--run_dir={tmp_path / f'r{i}'}", f"--init_from={causal_zero3}", *args, *FAST],
+                              cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        last = proc.stderr.strip().splitlines()[-1]
+        assert last.startswith("error: ") and __import__("re").search(pattern, last), last
