@@ -1,0 +1,138 @@
+"""The README cannot drift: every command of its ```bash blocks runs, in order, with tiny settings.
+
+The commands run in a scratch directory that links ``configs/``, ``ds_configs/`` and ``slurm/`` from
+the repository and holds small inputs under the names the README uses (``data/…``, ``corpus/``,
+``more/``). "Tiny settings" are the rewrites in ``TINY`` below (fewer steps, smaller vocabularies, a
+small corpus instead of the whole embedded one); nothing else is changed. Commands that cannot run
+inside a test (the two top-level make targets, a TensorBoard server, blocks marked as needing a GPU
+cluster) are listed in ``NOT_RUN`` with the reason, and the test checks that nothing else is skipped.
+"""
+
+from __future__ import annotations
+
+import csv
+import gzip
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import finetune_data as fd
+from conftest import REPO, stage_env
+
+NOT_RUN = {
+    "make demo": "the demo itself (≈10 min; CI runs `make test`, which runs this file)",
+    "make test": "this test suite",
+    "make bench": "the benchmarks (minutes of timing runs; bench/ has its own smoke test)",
+    "make lint": "ruff over the repository (run by developers)",
+    "tensorboard --logdir": "a server that never exits",
+}
+EXAMPLE_MARK = "# example"  # a block whose first line starts with this needs hardware a test does not have
+
+# (pattern, replacement): what "tiny settings" means, nothing else is rewritten
+TINY: list[tuple[str, str]] = [
+    (r"--vocab-size \d+", "--vocab-size 600 --sample-docs 60"),
+    (r"--train\.max_steps=(\d+)", lambda m: f"--train.max_steps={max(2, int(m.group(1)) // 100)}"),
+    (r"step_0*(\d+)", lambda m: f"step_{max(2, int(m.group(1)) // 100):08d}"),
+    (r"--checkpoint\.interval_steps=\d+", "--checkpoint.interval_steps=1"),
+    (r"--train\.epochs=\d+", "--train.max_steps=3"),
+    (r"(python -m data_pipeline build --tokenizer out/tok --out out/shards)", r"\1 --input corpus/"),
+    (r"--val-docs \d+", "--val-docs 4"),
+    (r"--seq-len 2048", "--seq-len 64"),
+]
+TINY_TRAIN = ["--data.seq_len=64", "--train.micro_batch_size=2", "--train.eval_every=0", "--train.eval_samples=4"]
+TINY_FT = ["--task.max_seq_len=64", "--train.micro_batch_size=4", "--precision=fp32"]
+
+
+def readme_commands() -> list[tuple[str, bool]]:
+    """(command, runnable) for every command of every ```bash block, continuation lines joined."""
+    text = (REPO / "README.md").read_text()
+    out = []
+    for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
+        example = block.lstrip().startswith(EXAMPLE_MARK)
+        joined = re.sub(r"\\\n\s*", " ", block)
+        for line in joined.splitlines():
+            cmd = _strip_comment(line).strip()
+            if cmd:
+                out.append((cmd, not example))
+    return out
+
+
+def _strip_comment(line: str) -> str:
+    """The line without its trailing ``# comment`` (a '#' inside quotes or a word is kept)."""
+    quote = None
+    for i, ch in enumerate(line):
+        if quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
+def tiny(cmd: str) -> str:
+    for pat, rep in TINY:
+        cmd = re.sub(pat, rep, cmd)
+    if re.search(r"-m pretrain\b(?!\.)", cmd) and "--dry-run" not in cmd:
+        cmd += " " + " ".join(TINY_TRAIN)
+    if re.search(r"-m finetune\b(?!\.)", cmd):
+        cmd += " " + " ".join(TINY_FT) + (" --task.doc_stride=16" if "qa.yaml" in cmd else "")
+    return cmd
+
+
+def _inputs(work: Path, stdlib_files: list[str]) -> None:
+    for name in ("configs", "ds_configs", "slurm"):
+        (work / name).symlink_to(REPO / name)
+    corpus = work / "corpus"
+    corpus.mkdir()
+    for i, f in enumerate(stdlib_files[:40]):
+        (corpus / f"doc_{i:03d}.py").write_bytes(Path(f).read_bytes())
+    data = work / "data"
+    data.mkdir()
+    texts = [Path(f).read_text(errors="replace")[:2000] for f in stdlib_files[40:80]]
+    with gzip.open(data / "part-0.jsonl.gz", "wt") as g:
+        g.writelines(json.dumps({"text": t}) + "\n" for t in texts)
+    (work / "more").mkdir()
+    import datasets
+
+    datasets.Dataset.from_list([{"text": t} for t in texts[:20]]).to_parquet(str(work / "more" / "part-0.parquet"))
+    datasets.DatasetDict({"train": datasets.Dataset.from_list([{"text": t} for t in texts[20:]])}).save_to_disk(
+        str(data / "my_dataset"))
+    fd.classification(data / "train.csv", 60, 1)
+    fd.classification(data / "test.csv", 20, 2)
+    fd.conll(data / "train.conll", 40, 1)
+    fd.conll(data / "test.conll", 20, 2)
+    fd.squad(data / "squad_train.json", 30, 1)
+    fd.squad(data / "squad_dev.json", 10, 2)
+    fd.sft(data / "sft.jsonl", 30, 1)
+    with open(data / "labels.csv", "w", newline="") as f:
+        csv.writer(f).writerows([["text", "label"], ["a b", "x"]])
+
+
+def test_every_readme_command_runs(tmp_path, stdlib_files, request):
+    work = tmp_path / "work"
+    work.mkdir()
+    _inputs(work, stdlib_files)
+    env = stage_env()
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
+    commands = readme_commands()
+    slurm = [c for c, ok in commands if ok and ("slurm." in c or c.startswith(("sbatch", "squeue", "scancel")))]
+    if slurm:
+        env.update(request.getfixturevalue("slurm_cluster"))
+    ran, skipped = [], []
+    for cmd, runnable in commands:
+        reason = next((why for key, why in NOT_RUN.items() if cmd.startswith(key)), None)
+        if not runnable or reason:
+            skipped.append((cmd, reason or "marked as an example for a GPU cluster"))
+            continue
+        t = tiny(cmd)
+        proc = subprocess.run(["bash", "-c", t], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, f"README command failed ({proc.returncode}):\n$ {t}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+        ran.append(cmd)
+    assert len(ran) >= 15, ran  # the tour really ran
+    assert all(why for _, why in skipped)
+    not_run_keys = {c.split()[0] + " " + c.split()[1] for c, why in skipped if why in NOT_RUN.values()}
+    assert not_run_keys <= {" ".join(k.split()[:2]) for k in NOT_RUN}
