@@ -45,6 +45,7 @@ class FinetuneDataConfig:
     validation: str | None = None  # None = a seeded split of train (validation_fraction)
     test: str | None = None
     validation_fraction: float = 0.1
+    max_validation_examples: int | None = None  # a seeded subsample of the validation split (faster evaluations)
     seed: int = 1234  # validation split and shuffling
     text_column: str = "text"
     text_pair_column: str = "text_pair"  # used when present in the data

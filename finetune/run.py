@@ -59,6 +59,11 @@ def load_splits(cfg: FinetuneConfig, task) -> dict[str, list]:
     else:
         train, val = split_validation(train, d.validation_fraction, d.seed)
         print0(f"validation: {len(val)} examples split from {d.train} (seed {d.seed}, fraction {d.validation_fraction})")
+    if d.max_validation_examples is not None and len(val) > d.max_validation_examples:
+        import random
+
+        keep = sorted(random.Random(d.seed).sample(range(len(val)), d.max_validation_examples))
+        val = [val[i] for i in keep]
     splits = {"train": train, "validation": val}
     if d.test:
         splits["test"] = task.read(d.test)

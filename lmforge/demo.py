@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default=None, help="bf16|fp32 (default: bf16 on GPU; fp32 on CPU, where bf16 "
                     "matmuls are ~10x slower without AMX/AVX512-BF16)")
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--finetune-steps", type=int, default=150, help="fine-tuning steps (batch 32) on Rotten Tomatoes")
+    ap.add_argument("--finetune-steps", type=int, default=60, help="fine-tuning steps (batch 32) on Rotten Tomatoes")
     ap.add_argument("--no-finetune", action="store_true", help="skip stage 6")
     args = ap.parse_args(argv)
     out, env, py = REPO / args.out, _env(), sys.executable
@@ -84,8 +84,12 @@ def main(argv: list[str] | None = None) -> int:
     if not _finished(run_dir, args.steps):
         times["pretrain (resumed)"] = _run("resume from the latest checkpoint and finish", launcher + pre, env)
     export_dir = run_dir / "export"
-    times["export"] = _run("export to Hugging Face format", [py, "-m", "pretrain.export", str(run_dir), "--out",
-                                                             str(export_dir)], env)
+    latest = run_dir / "checkpoints" / "latest"
+    if (export_dir / "config.json").is_file() and export_dir.stat().st_mtime >= latest.stat().st_mtime:
+        print(f"\n==> export: {export_dir} is up to date, re-used")
+    else:
+        times["export"] = _run("export to Hugging Face format", [py, "-m", "pretrain.export", str(run_dir), "--out",
+                                                                 str(export_dir)], env)
     sample = _generate(export_dir)
     ft = {} if args.no_finetune else _finetune_rt(out, run_dir, args, precision, env, times)
     _summary(shards, run_dir, times, sample, ft)
@@ -113,9 +117,10 @@ def _finetune_rt(out: Path, run_dir: Path, args, precision: str, env: dict[str, 
         cmd = launcher + ["configs/finetune/classify.yaml", f"--run_dir={ft_dir}", f"--init_from={run_dir}",
                           f"--data.train={info['train']['path']}", f"--data.validation={info['validation']['path']}",
                           f"--data.test={info['test']['path']}", f"--train.max_steps={args.finetune_steps}",
-                          "--train.micro_batch_size=16", "--task.max_seq_len=64", "--zero.stage=2",
-                          f"--precision={precision}", "--optim.lr=1e-4", "--optim.warmup_steps=15",
-                          f"--train.eval_every={max(1, args.finetune_steps // 3)}", "--train.log_every=10", *extra]
+                          "--train.micro_batch_size=16", "--task.max_seq_len=48", "--zero.stage=2",
+                          f"--precision={precision}", "--optim.lr=1e-4", "--optim.warmup_steps=6",
+                          "--data.max_validation_examples=300", f"--train.eval_every={args.finetune_steps}",
+                          "--train.log_every=10", *extra]
         times[f"fine-tune ({name})"] = _run(f"fine-tune `small` ({name}) on Rotten Tomatoes, {args.finetune_steps} steps",
                                             cmd, env)
         results[name] = json.loads((ft_dir / "metrics.json").read_text())["test/accuracy"]
