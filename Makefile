@@ -32,8 +32,9 @@ test: setup
 demo: setup
 	$(PY) -m lmforge.demo
 
+# All benchmarks, then bench/REPORT.md; `make bench BENCH_ARGS=--quick` for a smoke run, `--only NAME` for one.
 bench: setup
-	$(PY) -m bench
+	$(PY) -m bench $(BENCH_ARGS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from bench._train_common import SCRATCH, check, ensure_shards, load_average, log, run_tree, torchrun
-from bench.common import emit, print_table, record
+from bench.common import bench_command, emit, print_table, record
 
 NAME = "checkpoint"
 MB = 1 << 20
@@ -234,7 +234,7 @@ def main(argv: list[str] | None = None) -> int:
     recs.append(record(f"{NAME}.train_run.peak_rss_per_rank", "peak_rss", r_train["peak_rss_mb_per_proc"], "MB",
                        config={**common, "what": "the 2-step saving run: max over the 2 ranks of each one's peak RSS",
                                "per_process_peaks_mb": r_train["peak_rss_mb_procs"]}))
-    emit(recs, NAME + ("-quick" if a.quick else ""))
+    emit(recs, NAME + ("-quick" if a.quick else ""), command=bench_command(NAME, argv))
     print_table(recs)
     if not a.keep:
         shutil.rmtree(scratch, ignore_errors=True)

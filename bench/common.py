@@ -12,6 +12,9 @@ A benchmark produces a list of records, each a JSON object::
 
 :func:`emit` prints the records as JSON on stdout, writes them to ``bench/results/<name>.json``
 (git-ignored; the latest run) and appends them, with a timestamp, to ``bench/results/history.jsonl``.
+It also stamps every record's config with ``bench_command`` (the exact ``python -m bench.X ...`` that
+produced it), ``measured_at`` and ``loadavg_1_5_15`` at the end, and writes the machine's description
+to ``bench/results/machine.json``; ``python -m bench.report`` turns all of it into bench/REPORT.md.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from __future__ import annotations
 import json
 import math
 import os
+import platform
 import resource
+import shlex
 import subprocess
 import sys
 import threading
@@ -78,25 +83,57 @@ def validate(records: Sequence[dict[str, Any]]) -> None:
             raise ValueError(f"{r['name']}: config must be a dict")
 
 
-def emit(records: Sequence[dict[str, Any]], name: str, results_dir: Path | None = None) -> Path:
-    """Print ``records`` as JSON (stdout), write ``<results>/<name>.json``, append to history.jsonl."""
+def bench_command(module: str, argv: Sequence[str] | None) -> str:
+    """The command line that runs ``bench.<module>`` with ``argv`` (sys.argv[1:] when None)."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    return " ".join(["python -m bench." + module, *(shlex.quote(a) for a in args)])
+
+
+def machine_info() -> dict[str, Any]:
+    """Cores, CPU model, RAM, OS and Python of this machine (what the figures depend on)."""
+    model = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((ln.split(":", 1)[1].strip() for ln in f if ln.startswith("model name")), model)
+    except OSError:
+        pass
+    try:
+        import psutil
+
+        ram = psutil.virtual_memory().total
+    except ImportError:
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return {"cpus": os.cpu_count(), "cpu_model": model, "ram_gib": round(ram / 2**30, 1),
+            "os": platform.platform(), "python": platform.python_version(), "hostname": platform.node()}
+
+
+def emit(records: Sequence[dict[str, Any]], name: str, results_dir: Path | None = None,
+         command: str | None = None) -> Path:
+    """Print ``records`` as JSON (stdout), write ``<results>/<name>.json``, append to history.jsonl.
+
+    ``command`` (see :func:`bench_command`) is stored in every record's config as ``bench_command``.
+    """
+    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+    load = [round(x, 2) for x in os.getloadavg()]
+    for r in records:
+        r["config"].update({"bench_command": command, "measured_at": stamp, "loadavg_1_5_15": load})
     validate(records)
     out_dir = Path(results_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "machine.json").write_text(json.dumps(machine_info(), indent=1) + "\n")
     text = json.dumps(list(records), indent=1)
     print(text, flush=True)
     path = out_dir / f"{name}.json"
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text + "\n")
     os.replace(tmp, path)
-    stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     with open(out_dir / "history.jsonl", "a") as f:
         for r in records:
             f.write(json.dumps({"time": stamp, "benchmark": name, **r}) + "\n")
     return path
 
 
-def _fmt(x: Any) -> str:
+def fmt_value(x: Any) -> str:
     if x is None:
         return "-"
     if isinstance(x, float):
@@ -111,7 +148,7 @@ def format_table(records: Sequence[dict[str, Any]]) -> str:
     rows = [("name", "value", "unit", "vs", "ratio", "goal")]
     for r in records:
         goal = r["config"].get("goal", "")
-        rows.append((r["name"], _fmt(r["value"]), r["unit"], r["baseline"] or "-", _fmt(r["ratio"]), str(goal)))
+        rows.append((r["name"], fmt_value(r["value"]), r["unit"], r["baseline"] or "-", fmt_value(r["ratio"]), str(goal)))
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     right = {1, 4}
     lines = []

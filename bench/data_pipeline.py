@@ -12,13 +12,14 @@ the same 8192-piece unigram SentencePiece model (trained once on the embedded de
   ``.map(batched=True, num_proc=W)`` with the same tokenizer, writing Arrow to a fresh cache dir
   (from_generator + map are timed; map alone is in the config);
 * ratios ours / limit (goal >= 0.85) and ours / peer (goal > 1.0) for each W;
-* peak RSS of the process tree of ``build --workers 2`` on the corpus and on one 4x larger: the
-  build streams, so the figure should stay flat.
+* **scaling**: ours at W workers against ours at the fewest (tokens/s ratio; ideal = the worker ratio);
+* **cost growth**: ``build --workers 2`` on the corpus and on copies 2x and 4x its size: wall seconds
+  (linear: seconds per MB stays flat) and peak RSS of the process tree (the build streams: flat).
 
 Token counts include one EOS per document everywhere (the build writes it). The corpora are the
 embedded default corpus (the stdlib's .py files) repeated under distinct names until the size is
 reached; they, the tokenizer and all scratch outputs live in ``bench/results/cache`` (git-ignored).
-``--quick`` shrinks the corpora to 5 and 20 MB for a smoke run.
+``--quick`` shrinks the corpora to 5, 10 and 20 MB for a smoke run.
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from bench.common import CACHE_DIR, emit, print_table, record, run_measured
+from bench.common import CACHE_DIR, bench_command, emit, print_table, record, run_measured
 
 NAME = "data_pipeline"
 REPO = Path(__file__).resolve().parents[1]
@@ -45,6 +46,7 @@ VOCAB = 8192
 GOAL_VS_LIMIT = 0.85
 GOAL_VS_PEER = 1.0
 GOAL_RSS_GROWTH = 1.25  # "flat": the 4x corpus may cost at most 25 % more peak memory
+GOAL_TIME_GROWTH = 1.1  # "linear": seconds per MB on the larger corpora at most 10 % above the 1x figure
 SUB_ENV = {
     "OMP_NUM_THREADS": "1",
     "TOKENIZERS_PARALLELISM": "false",
@@ -265,12 +267,12 @@ def _rate(r: dict[str, Any]) -> float:
     return r["tokens"] / r["seconds"]
 
 
-def run(size_mb: float, big_factor: int, workers: list[int], repeat: int = 1, peer: bool = True,
+def run(size_mb: float, growth: list[int], workers: list[int], repeat: int = 1, peer: bool = True,
         wrapper: bool = True) -> list[dict[str, Any]]:
     from data_pipeline.sources import iter_documents
 
     corpus, cmeta = make_corpus(size_mb)
-    big, bmeta = make_corpus(size_mb * big_factor)
+    bigs = {k: make_corpus(size_mb * k) for k in growth}
     tok_dir, tmeta = ensure_tokenizer()
     model = str(tok_dir / "tokenizer.model")
     docs = list(iter_documents([str(corpus)]))  # also warms the page cache for every contender
@@ -307,10 +309,14 @@ def run(size_mb: float, big_factor: int, workers: list[int], repeat: int = 1, pe
     hf = {w: best["peer", w] for w in workers if peer}
     docs = []
     rss_w = max(workers)
-    for f in big.rglob("*.py"):  # warm the page cache for the big run too
-        f.read_bytes()
-    log(f"build --workers {rss_w} on the {big_factor}x corpus ({bmeta['bytes'] / MB:.0f} MB)")
-    ours_big = run_build(big, tok_dir, rss_w, "big")
+    # 1x of the growth series: the median round of ours (the larger corpora run once each, so a
+    # best-of-N 1x figure would flatter the ratios)
+    grown = {1: (corpus, cmeta, sorted(runs["ours", rss_w], key=lambda r: r["seconds"])[(repeat - 1) // 2])}
+    for k, (big, bmeta) in bigs.items():
+        for f in big.rglob("*.py"):  # warm the page cache, as the rounds above did for the 1x corpus
+            f.read_bytes()
+        log(f"build --workers {rss_w} on the {k}x corpus ({bmeta['bytes'] / MB:.0f} MB)")
+        grown[k] = (big, bmeta, run_build(big, tok_dir, rss_w, f"x{k}"))
 
     recs: list[dict[str, Any]] = []
     mbps = lambda r: round(nbytes / MB / r["seconds"], 3)  # noqa: E731
@@ -369,42 +375,83 @@ def run(size_mb: float, big_factor: int, workers: list[int], repeat: int = 1, pe
                            "tokens/cpu-s", lim, config={**cfg, "cpu_seconds": round(ours[w]["cpu_seconds"], 3),
                                                         "includes": "interpreter start-up, imports, finalize"}))
 
-    small = ours[rss_w]
-    rss_small = record(f"{NAME}.build_rss.{cmeta['bytes'] / MB:.0f}mb", "peak_rss", small["peak_rss_mb"], "MB",
-                       config={**common, "workers": rss_w, "what": "peak of the summed RSS of the build's process "
-                               "tree (polled every 50 ms; shared pages counted once per process)"})
-    recs.append(rss_small)
-    r = record(f"{NAME}.build_rss.{bmeta['bytes'] / MB:.0f}mb", "peak_rss", ours_big["peak_rss_mb"], "MB", rss_small,
-               config={**common, "corpus": str(big.relative_to(REPO)), "corpus_mb": round(bmeta["bytes"] / MB, 2),
-                       "documents": ours_big["documents"], "workers": rss_w,
-                       "goal": f"flat: <= {GOAL_RSS_GROWTH} x the {cmeta['bytes'] / MB:.0f} MB figure",
-                       "tokens_per_s": round(_rate(ours_big)), "seconds": round(ours_big["seconds"], 3)})
-    r["config"]["meets_goal"] = r["ratio"] is not None and r["ratio"] <= GOAL_RSS_GROWTH
-    recs.append(r)
+    recs += scaling_records(ours, workers, recs, common)
+    recs += growth_records(grown, rss_w, common)
     recs[0]["config"]["tokenizer_meta"] = tmeta
     for r in recs:
         r["config"]["loadavg_1m_at_end"] = round(os.getloadavg()[0], 2)
     return recs
 
 
+def scaling_records(ours: dict[int, dict[str, Any]], workers: list[int], recs: list[dict[str, Any]],
+                    common: dict[str, Any]) -> list[dict[str, Any]]:
+    """The build at each worker count against the fewest workers: the same runs as build.wN, compared."""
+    w0 = workers[0]
+    base = next(r for r in recs if r["name"] == f"{NAME}.build.w{w0}")
+    out = []
+    for w in workers[1:]:
+        r = record(f"{NAME}.scaling.build.w{w}", "tokens_per_s", _rate(ours[w]), "tokens/s", base, config={
+            **common, "workers": w, "what": f"same figure as {NAME}.build.w{w}; ratio = speed-up over {w0} worker(s)",
+            "ideal_ratio": w / w0, "command": ours[w]["command"]})
+        r["config"]["efficiency"] = r["ratio"] and round(r["ratio"] / (w / w0), 4)
+        out.append(r)
+    return out
+
+
+def growth_records(grown: dict[int, tuple[Path, dict[str, Any], dict[str, Any]]], workers: int,
+                   common: dict[str, Any]) -> list[dict[str, Any]]:
+    """Build seconds, seconds per MB and peak RSS at 1x, 2x, 4x ... the corpus (ratios against 1x)."""
+    recs: list[dict[str, Any]] = []
+    base: dict[str, dict[str, Any]] = {}
+    for k, (path, meta, r) in sorted(grown.items()):
+        mb = meta["bytes"] / MB
+        cfg = {**common, "corpus": str(path.relative_to(REPO)), "corpus_mb": round(mb, 2), "size_factor": k,
+               "documents": r["documents"], "tokens": r["tokens"], "workers": workers, "command": r["command"],
+               "seconds_in_process": r["seconds_in_process"], "tokens_per_s": round(_rate(r))}
+        if k == 1:
+            cfg["note"] = "the median round of the build.wN runs"
+        figures = [
+            ("seconds", r["seconds"], "s", "wall seconds of the build command (incl. interpreter start-up and imports)", None),
+            ("seconds_per_mb", r["seconds_in_process"] / mb, "s/MB", "the build's own seconds (manifest `seconds`: "
+             "start-up and imports excluded, a fixed cost that would flatter the larger corpora) / corpus MB: flat "
+             "when the time is linear", f"linear: <= {GOAL_TIME_GROWTH} x the 1x figure"),
+            ("peak_rss", r["peak_rss_mb"], "MB", "peak of the summed RSS of the build's process tree (polled "
+             "every 50 ms; shared pages counted once per process)", f"flat: <= {GOAL_RSS_GROWTH} x the 1x figure"),
+        ]
+        for metric, value, unit, what, goal in figures:
+            rec = record(f"{NAME}.growth.{metric}.{k}x", metric, value, unit, base.get(metric),
+                         config={**cfg, "what": what})
+            if k == 1:
+                base[metric] = rec
+            elif goal:
+                limit = GOAL_TIME_GROWTH if metric == "seconds_per_mb" else GOAL_RSS_GROWTH
+                rec["config"]["goal"] = goal
+                rec["config"]["meets_goal"] = rec["ratio"] is not None and rec["ratio"] <= limit
+            else:
+                rec["config"]["size_ratio"] = round(mb / (grown[1][1]["bytes"] / MB), 3)
+            recs.append(rec)
+    return recs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m bench.data_pipeline", description=__doc__.splitlines()[0])
     ap.add_argument("--size-mb", type=float, default=None, help="corpus size (default 50; 5 with --quick)")
-    ap.add_argument("--big-factor", type=int, default=4, help="the RSS check's second corpus is this much larger")
+    ap.add_argument("--growth", default="2,4", help="comma-separated size factors of the cost-growth corpora")
     ap.add_argument("--workers", default="1,2", help="comma-separated worker counts")
     ap.add_argument("--repeat", type=int, default=None,
                     help="runs per contender, the fastest counts (default 3; 1 with --quick)")
     ap.add_argument("--no-peer", action="store_true", help="skip the Hugging Face datasets peer")
     ap.add_argument("--no-wrapper", action="store_true", help="skip the Tokenizer.encode_batch diagnostic")
-    ap.add_argument("--quick", action="store_true", help="a smoke run: 5 MB and 20 MB corpora")
+    ap.add_argument("--quick", action="store_true", help="a smoke run: 5, 10 and 20 MB corpora")
     args = ap.parse_args(argv)
     size = args.size_mb if args.size_mb is not None else (5.0 if args.quick else 50.0)
     workers = sorted({int(w) for w in args.workers.split(",") if w.strip()})
     t0 = time.time()
     repeat = args.repeat if args.repeat is not None else (1 if args.quick else 3)
-    recs = run(size, args.big_factor, workers, repeat=max(1, repeat), peer=not args.no_peer,
+    growth = sorted({int(k) for k in args.growth.split(",") if k.strip()} - {1})
+    recs = run(size, growth, workers, repeat=max(1, repeat), peer=not args.no_peer,
                wrapper=not args.no_wrapper)
-    emit(recs, NAME + ("-quick" if args.quick else ""))
+    emit(recs, NAME + ("-quick" if args.quick else ""), command=bench_command(NAME, argv))
     print_table(recs, file=sys.stderr)
     log(f"done in {time.time() - t0:.0f}s")
     return 0

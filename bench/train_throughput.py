@@ -13,6 +13,8 @@ seq_len and precision, 2 processes under torchrun, rounds of all four runs in tu
   ``TrainingArguments(use_cpu=True, deepspeed=dict)`` is what makes it run on a CPU;
 * **limit**: a plain PyTorch loop, DDP over gloo + torch AdamW, no DeepSpeed (bench/_plain_loop.py);
 * diagnostic: ours at ZeRO-0 (the DeepSpeed engine without partitioning), same measurement;
+* **scaling**: the same training (same global batch, so the same samples per step) on 1 process,
+  with 2 micro batches of gradient accumulation: ratio ours on 2 processes / ours on 1;
 * ratios ours / limit (goal >= 0.95) and ours / peer (goal >= 1.0); MFU of each against this
   machine's measured 1-thread fp32 matmul FLOP/s per process (``pretrain.callbacks.measured_cpu_flops``);
 * peak RSS per rank (max over the 2 training processes) for ZeRO 0/2/3 on a 64.7M-param model
@@ -42,7 +44,7 @@ from bench._train_common import (
     tb_scalars,
     torchrun,
 )
-from bench.common import emit, print_table, record
+from bench.common import bench_command, emit, print_table, record
 
 NAME = "train_throughput"
 PRESET = "configs/pretrain/small.yaml"
@@ -68,9 +70,10 @@ def steady(stamps: list[tuple[int, float]], warmup: int, tokens_per_step: int) -
     return tokens_per_step * (last - warmup) / (t[last] - t[warmup]), last - warmup
 
 
-def run_ours(run_dir: Path, args: list[str], warmup: int, tps: int, stage: int = 2) -> dict[str, Any]:
+def run_ours(run_dir: Path, args: list[str], warmup: int, tps: int, stage: int = 2,
+             world: int = WORLD) -> dict[str, Any]:
     shutil.rmtree(run_dir, ignore_errors=True)
-    r = run_tree(torchrun(WORLD, "pretrain", [*args, f"--zero.stage={stage}"]))
+    r = run_tree(torchrun(world, "pretrain", [*args, f"--zero.stage={stage}"]))
     check(NAME, "ours", r)
     wall = [(s, w) for w, s, _ in tb_scalars(run_dir, "train/step_time")]
     st = [(s, v) for _, s, v in tb_scalars(run_dir, "train/step_time") if s > warmup]
@@ -109,7 +112,9 @@ def throughput(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[
     n_params = n_params_of(base)
     torch.set_num_threads(1)
     peaks = [measured_cpu_flops()]
-    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": [], "limit": [], "ours0": []}
+    runs: dict[str, list[dict[str, Any]]] = {"ours": [], "peer": [], "limit": [], "ours0": [], "ours1": []}
+    # 1 process, same global batch as WORLD processes: the same training, accumulating WORLD micro batches
+    one_proc = [f"--train.global_batch_size={plan.global_batch}"]
     loads = [load_average()]
     for k in range(a.repeats):
         log(NAME, f"round {k + 1}/{a.repeats}: ours (load {load_average()})")
@@ -124,7 +129,10 @@ def throughput(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[
         log(NAME, f"  limit {runs['limit'][-1]['tokens_per_s']:,.0f} tok/s; ours at ZeRO-0 (diagnostic)")
         runs["ours0"].append(run_ours(scratch / "ours0", train_args(scratch / "ours0", shards, a, a.steps), a.warmup,
                                       plan.tokens_per_step, stage=0))
-        log(NAME, f"  ours ZeRO-0 {runs['ours0'][-1]['tokens_per_s']:,.0f} tok/s")
+        log(NAME, f"  ours ZeRO-0 {runs['ours0'][-1]['tokens_per_s']:,.0f} tok/s; scaling: ours on 1 process")
+        runs["ours1"].append(run_ours(scratch / "ours1", train_args(scratch / "ours1", shards, a, a.steps, one_proc),
+                                      a.warmup, plan.tokens_per_step, world=1))
+        log(NAME, f"  ours on 1 process {runs['ours1'][-1]['tokens_per_s']:,.0f} tok/s")
         loads.append(load_average())
     peaks.append(measured_cpu_flops())
     peak = max(peaks)
@@ -178,12 +186,31 @@ def throughput(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[
     recs.append(record(f"{NAME}.ours.zero2.step_time", "tokens_per_s", best["ours"]["tokens_per_s_step_time"],
                        "tokens/s", lim, config={"what": "diagnostic: tokens_per_step x steps / sum(train/step_time) "
                                                 "(train_step only: callbacks and the loop itself excluded)"}))
+    recs += scaling(best, runs, cfg_of, shards, a, one_proc, cmd_ours)
     for key, rec in (("limit", lim), ("peer", peer), ("ours", recs[2])):
         recs.append(record(f"{NAME}.mfu.{key}", "mfu", 100 * mfu(best[key]["tokens_per_s"]), "%", config={
             "of": rec["name"], "flops_per_token": fpt, "peak_flops_per_process": round(peak),
             "peak": "pretrain.callbacks.measured_cpu_flops() with 1 thread, best of before/after the runs",
             "peak_measurements": [round(p) for p in peaks]}))
     return recs
+
+
+def scaling(best: dict[str, dict[str, Any]], runs: dict[str, list[dict[str, Any]]], cfg_of, shards: Path,
+            a: argparse.Namespace, one_proc: list[str], cmd_ours: str) -> list[dict[str, Any]]:
+    """tokens/s of the same training on 1 and on WORLD processes; ratio = the speed-up."""
+    cmd1 = "torchrun --nproc_per_node 1 -m pretrain " + " ".join(
+        train_args(Path("RUN"), shards, a, a.steps, one_proc)) + " --zero.stage=2"
+    one = record(f"{NAME}.scaling.w1", "tokens_per_s", best["ours1"]["tokens_per_s"], "tokens/s", config=cfg_of(
+        "ours1", f"lmforge pretrain, ZeRO-2, 1 process, the global batch of {WORLD} processes (gradient "
+        f"accumulation {WORLD}); same measurement as {NAME}.ours.zero2", cmd1, {"world_size": 1, "gradient_accumulation_steps": WORLD}))
+    r = record(f"{NAME}.scaling.w{WORLD}", "tokens_per_s", best["ours"]["tokens_per_s"], "tokens/s", one, config={
+        "what": f"same figure as {NAME}.ours.zero2 ({WORLD} processes, same global batch); ratio = speed-up "
+                "over 1 process", "command": cmd_ours, "ideal_ratio": float(WORLD),
+        "loss_step1": {"w1": best["ours1"]["loss_step1"], f"w{WORLD}": best["ours"]["loss_step1"]},
+        "all_rounds_tokens_per_s": {"w1": [round(x["tokens_per_s"], 1) for x in runs["ours1"]],
+                                    f"w{WORLD}": [round(x["tokens_per_s"], 1) for x in runs["ours"]]}})
+    r["config"]["efficiency"] = r["ratio"] and round(r["ratio"] / WORLD, 4)
+    return [one, r]
 
 
 def n_params_of(args: list[str]) -> int:
@@ -237,7 +264,7 @@ def main(argv: list[str] | None = None) -> int:
     recs = throughput(a, shards, scratch)
     if not a.skip_memory:
         recs += memory(a, shards, scratch)
-    emit(recs, NAME + ("-quick" if a.quick else ""))
+    emit(recs, NAME + ("-quick" if a.quick else ""), command=bench_command(NAME, argv))
     print_table(recs)
     return 0
 
