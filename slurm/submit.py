@@ -1,0 +1,225 @@
+"""``python -m slurm.submit {pretrain,finetune} CONFIG --nodes N --gpus-per-node G --partition P --time T [options] [--section.key=value ...]``
+
+Submits the stage's ``main()`` as one SLURM job through submitit: N nodes × G tasks (one process
+per GPU; ``--gpus-per-node 0`` runs one CPU process per node, gloo). Options after the config that
+are not submission options below are training-config overrides (``--run_dir=runs/x
+--train.max_steps=50``); ``--slurm.KEY=VALUE`` adds ``#SBATCH --KEY=VALUE``.
+
+The job's logs and submitit's files go to RUN_DIR/slurm/. It is requeued after a checkpoint when
+SLURM signals the time limit (USR2, ``--grace`` seconds before) at most ``--max-requeues`` times,
+and resumes from ``checkpoints/latest``. ``--dry-run`` prints the sbatch script and the resolved
+training config without submitting; ``--wait`` follows the job through its requeues and exits
+non-zero unless it completed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shlex
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from lmforge.config import dump_yaml
+from lmforge.errors import ConfigError, LmforgeError, run_cli
+from slurm.launch import DEFAULT_MAX_REQUEUES, RECORDS, REPO, STAGES, TrainTask, append_record, stage_config
+
+USAGE = __doc__.strip().splitlines()[0].strip("`")
+FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                "DEADLINE", "PREEMPTED", "REVOKED", "SPECIAL_EXIT"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str):  # one line, through run_cli, instead of argparse's usage + exit
+        raise ConfigError(f"{message}; see python -m slurm.submit --help")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="python -m slurm.submit", usage=USAGE, allow_abbrev=False,
+                                description=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--nodes", type=int, required=True, help="number of nodes")
+    p.add_argument("--gpus-per-node", type=int, required=True, help="GPUs (= processes) per node; 0: one CPU process per node")
+    p.add_argument("--partition", required=True, help="SLURM partition (debug on the local test cluster)")
+    p.add_argument("--time", required=True, help="time limit: MM, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    p.add_argument("--account")
+    p.add_argument("--qos")
+    p.add_argument("--constraint")
+    p.add_argument("--mem", help="memory per node, SLURM syntax (64G, 500000M, 0 = all)")
+    p.add_argument("--cpus-per-task", type=int, help="CPU cores per process (data loading, OMP threads)")
+    p.add_argument("--job-name", help="default: lmforge-STAGE")
+    p.add_argument("--max-requeues", type=int, default=DEFAULT_MAX_REQUEUES,
+                   help=f"requeues after a time-limit checkpoint before the job fails (default {DEFAULT_MAX_REQUEUES})")
+    p.add_argument("--grace", type=int, default=120,
+                   help="seconds before the time limit at which SLURM signals the job to checkpoint (default 120)")
+    p.add_argument("--dry-run", action="store_true", help="print the sbatch script and the training config; submit nothing")
+    p.add_argument("--wait", action="store_true", help="block until the job (with its requeues) ends; non-zero unless COMPLETED")
+    p.add_argument("--poll", type=float, default=5.0, help="seconds between state checks with --wait (default 5)")
+    return p
+
+
+def split_argv(argv: Sequence[str]) -> tuple[str, list[str], list[str], dict[str, str | bool]]:
+    """→ (stage, submission options, training args, extra sbatch options from --slurm.KEY=VALUE)."""
+    argv = list(argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        parser().print_help()
+        raise SystemExit(0 if argv else 2)
+    stage, rest = argv[0], argv[1:]
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage '{stage}': usage: {USAGE}")
+    ours = {a.option_strings[0]: a.nargs != 0 for a in parser()._actions if a.option_strings}
+    submit, train, extra = [], [], {}
+    i = 0
+    while i < len(rest):
+        a = rest[i]
+        name, eq, value = a.partition("=")
+        if name.startswith("--slurm."):
+            key = name[len("--slurm."):].replace("_", "-")
+            if not re.fullmatch(r"[a-z][a-z0-9-]*", key):
+                raise ConfigError(f"{name}: not an sbatch option name (write --slurm.exclude=n3)")
+            extra[key] = value if eq else True
+        elif name in ours:
+            submit.append(a)
+            if ours[name] and not eq:  # "--nodes 4": the value is the next word
+                if i + 1 >= len(rest):
+                    raise ConfigError(f"{name} needs a value")
+                submit.append(rest[i + 1])
+                i += 1
+        elif name in ("-h", "--help"):
+            parser().print_help()
+            raise SystemExit(0)
+        else:
+            train.append(a)
+        i += 1
+    return stage, submit, train, extra
+
+
+def parse_time(s: str) -> int:
+    """SLURM's --time formats → minutes (rounded up)."""
+    m = re.fullmatch(r"(?:(\d+)-)?(\d+)(?::(\d+))?(?::(\d+))?", s.strip())
+    if not m:
+        raise ConfigError(f"--time {s!r}: expected MM, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
+    days, a, b, c = (int(x) if x else None for x in m.groups())
+    if days is not None:  # D-HH[:MM[:SS]]
+        secs = days * 86400 + a * 3600 + (b or 0) * 60 + (c or 0)
+    elif c is not None:  # HH:MM:SS
+        secs = a * 3600 + b * 60 + c
+    elif b is not None:  # MM:SS
+        secs = a * 60 + b
+    else:  # MM
+        secs = a * 60
+    if secs <= 0:
+        raise ConfigError(f"--time {s!r}: must be positive")
+    return -(-secs // 60)
+
+
+def build_executor(args: argparse.Namespace, stage: str, folder: Path, extra: dict[str, str | bool]):
+    import submitit
+
+    for name in ("nodes", "gpus_per_node", "max_requeues", "cpus_per_task", "grace"):
+        v = getattr(args, name)
+        if v is not None and (v < 0 or (v == 0 and name in ("nodes", "cpus_per_task"))):
+            raise ConfigError(f"--{name.replace('_', '-')} {v}: must be {'positive' if name in ('nodes', 'cpus_per_task') else '>= 0'}")
+    minutes = parse_time(args.time)
+    if args.grace >= minutes * 60:
+        raise ConfigError(f"--grace {args.grace}s is not shorter than --time {args.time}; lower --grace")
+    gpus = args.gpus_per_node
+    # The job runs this checkout's code with this Python; CPU runs need the cpu accelerator.
+    setup = [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
+             f"export TORCH_EXTENSIONS_DIR=${{TORCH_EXTENSIONS_DIR:-{shlex.quote(str(REPO / '.cache' / 'torch_extensions'))}}}",
+             "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"]
+    if gpus == 0:
+        setup.append("export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}")
+    # submitit's own timeout budget only matters if USR2 arrives before our handler is in place
+    ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
+    params = dict(
+        nodes=args.nodes, tasks_per_node=max(1, gpus), timeout_min=minutes, name=args.job_name or f"lmforge-{stage}",
+        slurm_partition=args.partition, slurm_signal_delay_s=args.grace, slurm_setup=setup,
+        slurm_additional_parameters={"requeue": True, **extra},
+    )
+    if gpus:
+        params["gpus_per_node"] = gpus
+    for opt in ("account", "qos", "constraint", "mem"):
+        if getattr(args, opt) is not None:
+            params[f"slurm_{opt}"] = getattr(args, opt)
+    if args.cpus_per_task is not None:
+        params["cpus_per_task"] = args.cpus_per_task
+    ex.update_parameters(**params)
+    return ex
+
+
+def sbatch_text(ex) -> str:
+    """The batch script submitit would write (its %j placeholders left in)."""
+    inner = ex._executor
+    return inner._make_submission_file_text(inner._submitit_command_str, "dry-run")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    stage, submit_args, train_args, extra = split_argv(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(submit_args)
+    cfg = stage_config(stage, train_args)
+    run_dir = Path(cfg.run_dir).resolve()
+    folder = run_dir / RECORDS
+    ex = build_executor(args, stage, folder, extra)
+    world = args.nodes * max(1, args.gpus_per_node)
+    if args.dry_run:
+        print(f"# --- sbatch script ({args.nodes} node(s) x {max(1, args.gpus_per_node)} task(s) = world size {world}) ---")
+        print(sbatch_text(ex).rstrip())
+        print(f"# --- {stage} config (resolved) ---")
+        print(dump_yaml(cfg), end="")
+        return 0
+    task = TrainTask(stage, train_args, str(run_dir), args.max_requeues)
+    job = ex.submit(task)
+    append_record(run_dir, "jobs.jsonl", {"job_id": job.job_id, "stage": stage, "via": "submitit", "argv": train_args,
+                                          "nodes": args.nodes, "tasks_per_node": max(1, args.gpus_per_node)})
+    print(f"submitted job {job.job_id}: {stage} on {args.nodes} node(s) x {max(1, args.gpus_per_node)} task(s), "
+          f"logs {folder}/{job.job_id}_*_log.out; python -m slurm.status {cfg.run_dir}", flush=True)
+    return wait(job, args.poll) if args.wait else 0
+
+
+def wait(job, poll: float) -> int:
+    """Follow the job through its requeues until SLURM reports a final state; 0 only for COMPLETED."""
+    from slurm.status import slurm_state
+
+    last, unknown = None, 0
+    while True:
+        state = slurm_state(job.job_id)[0].split(" ")[0]  # "CANCELLED by 0" -> CANCELLED
+        if state != last:
+            print(f"job {job.job_id}: {state}", flush=True)
+            last = state
+        if state in FINAL_STATES:
+            break
+        unknown = unknown + 1 if state.startswith("UNKNOWN") else 0
+        if unknown * poll > 300:
+            raise LmforgeError(f"SLURM has not reported the state of job {job.job_id} for 5 minutes (scontrol and "
+                               "sacct fail); follow it with squeue")
+        time.sleep(poll)
+    if state == "COMPLETED":
+        try:
+            result = job.task(0).result()
+        except Exception as e:  # noqa: BLE001  (the job's own error, already in its log)
+            raise LmforgeError(f"job {job.job_id} completed but reported an error: {_last_line(e)}") from None
+        print(f"job {job.job_id} completed: {result}", flush=True)
+        return 0
+    err = job.paths.stderr
+    tail = ""
+    if err.is_file():
+        # torch prefixes a rank's traceback lines with "[rank0]: "
+        lines = [re.sub(r"^\[rank\d+\]: ", "", ln) for ln in err.read_text(errors="replace").splitlines()]
+        tail = next((ln for ln in reversed(lines) if re.match(r"\w+(\.\w+)*(Error|Exception)\b", ln)), "")
+    print(f"job {job.job_id} ended {state}{': ' + tail if tail else ''} (log: {err})", file=sys.stderr, flush=True)
+    return 1
+
+
+def _last_line(e: BaseException) -> str:
+    lines = [ln for ln in str(e).splitlines() if ln.strip()]
+    return lines[-1] if lines else repr(e)
+
+
+def cli() -> None:
+    sys.exit(run_cli(main))
+
+
+if __name__ == "__main__":
+    cli()
