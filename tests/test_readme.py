@@ -46,17 +46,15 @@ TINY_TRAIN = ["--data.seq_len=64", "--train.micro_batch_size=2", "--train.eval_e
 TINY_FT = ["--task.max_seq_len=64", "--train.micro_batch_size=4", "--precision=fp32"]
 
 
-def readme_commands() -> list[tuple[str, bool]]:
-    """(command, runnable) for every command of every ```bash block, continuation lines joined."""
+def readme_blocks() -> list[tuple[list[str], bool]]:
+    """(commands, runnable) for every ```bash block, continuation lines joined, comments dropped."""
     text = (REPO / "README.md").read_text()
     out = []
     for block in re.findall(r"```bash\n(.*?)```", text, flags=re.S):
         example = block.lstrip().startswith(EXAMPLE_MARK)
         joined = re.sub(r"\\\n\s*", " ", block)
-        for line in joined.splitlines():
-            cmd = _strip_comment(line).strip()
-            if cmd:
-                out.append((cmd, not example))
+        cmds = [c for c in (_strip_comment(line).strip() for line in joined.splitlines()) if c]
+        out.append((cmds, not example))
     return out
 
 
@@ -112,27 +110,35 @@ def _inputs(work: Path, stdlib_files: list[str]) -> None:
         csv.writer(f).writerows([["text", "label"], ["a b", "x"]])
 
 
-def test_every_readme_command_runs(tmp_path, stdlib_files, request):
+def test_every_readme_command_runs(tmp_path, stdlib_files):
+    """Each block runs as one shell script (``set -e``), in README order, in one scratch directory."""
     work = tmp_path / "work"
     work.mkdir()
     _inputs(work, stdlib_files)
     env = stage_env()
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env['PATH']}"
-    commands = readme_commands()
-    slurm = [c for c, ok in commands if ok and ("slurm." in c or c.startswith(("sbatch", "squeue", "scancel")))]
-    if slurm:
-        env.update(request.getfixturevalue("slurm_cluster"))
+    env = {k: v for k, v in env.items() if not k.startswith(("SLURM_", "LMFORGE_SLURM"))}
     ran, skipped = [], []
-    for cmd, runnable in commands:
-        reason = next((why for key, why in NOT_RUN.items() if cmd.startswith(key)), None)
-        if not runnable or reason:
-            skipped.append((cmd, reason or "marked as an example for a GPU cluster"))
-            continue
-        t = tiny(cmd)
-        proc = subprocess.run(["bash", "-c", t], cwd=work, env=env, capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, f"README command failed ({proc.returncode}):\n$ {t}\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
-        ran.append(cmd)
-    assert len(ran) >= 15, ran  # the tour really ran
-    assert all(why for _, why in skipped)
-    not_run_keys = {c.split()[0] + " " + c.split()[1] for c, why in skipped if why in NOT_RUN.values()}
-    assert not_run_keys <= {" ".join(k.split()[:2]) for k in NOT_RUN}
+    try:
+        for cmds, runnable in readme_blocks():
+            script = []
+            for cmd in cmds:
+                reason = next((why for key, why in NOT_RUN.items() if cmd.startswith(key)), None)
+                if not runnable or reason:
+                    skipped.append((cmd, reason or "marked as an example for a GPU cluster"))
+                else:
+                    script.append(tiny(cmd))
+            if not script:
+                continue
+            body = "set -euo pipefail\n" + "\n".join(script)
+            proc = subprocess.run(["bash", "-c", body], cwd=work, env=env, capture_output=True, text=True,
+                                  timeout=1200)
+            assert proc.returncode == 0, (f"README block failed ({proc.returncode}):\n{body}\n--- stdout\n"
+                                          f"{proc.stdout[-3000:]}\n--- stderr\n{proc.stderr[-5000:]}")
+            ran += script
+    finally:  # a README block that started the local cluster and failed before its `stop`
+        subprocess.run(["bash", str(REPO / "slurm" / "local_cluster.sh"), "stop"], env=env, capture_output=True,
+                       timeout=120)
+    assert len(ran) >= 20, ran  # the tour really ran
+    assert any("slurm.submit" in c for c in ran) and any(c.startswith("sbatch") for c in ran)
+    assert {c.split()[0] for c, why in skipped if why != "marked as an example for a GPU cluster"} <= {"make", "tensorboard"}
