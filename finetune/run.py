@@ -127,7 +127,7 @@ def build(cfg: FinetuneConfig, info: DistInfo) -> FinetuneTrainer:
         + (f", labels {task.labels}" if task.labels else "")
     )
     trainer = FinetuneTrainer(cfg, engine, loader, info, plan, ids, task, splits, callbacks,
-                              tokenizer_sha256=tok.fingerprint, mask_id=mask_id)
+                              tokenizer_sha256=tok.fingerprint)
     trainer.backbone = backbone
     trainer.n_params = (n_total, n_train_params)
     if target is not None:

@@ -10,6 +10,7 @@ pools the last token (the closing ``</s>``), the masked one the first (``<s>``, 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -59,12 +60,11 @@ def _truncate_pair(a: list[int], b: list[int] | None, budget: int) -> tuple[list
     return a, b
 
 
-class Task:
+class Task(ABC):
     """Base: labels, reading, encoding, collating, scoring. Subclasses fill in the specifics."""
 
     name = ""
     default_metric = "loss"  # validation metric selecting the best checkpoint
-    hf_auto_class = ""  # the transformers Auto class that loads the exported model
 
     def __init__(self, cfg: FinetuneConfig, tok, vocab: Vocab, backbone_kind: str):
         self.cfg, self.tok, self.vocab, self.kind = cfg, tok, vocab, backbone_kind
@@ -80,9 +80,11 @@ class Task:
 
     def fit_labels(self, train: list[Example]) -> None:
         """Decide the label set from the config or the training data (before encoding anything)."""
+        self.labels = []  # tasks without classes (sft)
 
+    @abstractmethod
     def encode(self, examples: list[Example], split: str) -> list[dict[str, Any]]:
-        raise NotImplementedError
+        ...
 
     # -- batching
     def collate(self, feats: list[dict[str, Any]]) -> dict[str, torch.Tensor]:
@@ -108,12 +110,14 @@ class Task:
         return ("labels",)
 
     # -- scoring
+    @abstractmethod
     def predictions(self, out: dict[str, torch.Tensor], batch: dict[str, torch.Tensor]) -> list[Any]:
         """One prediction per feature of the batch (python objects, to be gathered across ranks)."""
-        raise NotImplementedError
+        ...
 
+    @abstractmethod
     def score(self, examples: list[Example], feats: list[dict[str, Any]], preds: list[Any]) -> dict[str, float]:
-        raise NotImplementedError
+        ...
 
     def hf_label_maps(self) -> dict[str, Any]:
         if not self.labels:
@@ -129,7 +133,6 @@ class Task:
 class SequenceClassification(Task):
     name = "sequence_classification"
     default_metric = "accuracy"
-    hf_auto_class = "AutoModelForSequenceClassification"
 
     def _label(self, ex: Example) -> str:
         v = column(ex, self.cfg.data.label_column)
@@ -188,7 +191,6 @@ class SequenceClassification(Task):
 class TokenClassification(Task):
     name = "token_classification"
     default_metric = "entity_f1"
-    hf_auto_class = "AutoModelForTokenClassification"
 
     def read(self, path: str) -> list[Example]:
         return read_conll(path)
@@ -264,7 +266,6 @@ class TokenClassification(Task):
 class QuestionAnswering(Task):
     name = "question_answering"
     default_metric = "f1"
-    hf_auto_class = "AutoModelForQuestionAnswering"
 
     def read(self, path: str) -> list[Example]:
         return read_squad(path)
@@ -353,7 +354,6 @@ class QuestionAnswering(Task):
 class SFT(Task):
     name = "sft"
     default_metric = "loss"
-    hf_auto_class = "AutoModelForCausalLM"
 
     def _pair(self, ex: Example) -> tuple[str, str]:
         d = self.cfg.data

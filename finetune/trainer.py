@@ -79,9 +79,8 @@ class TaskLoader:
 
 class FinetuneTrainer(Trainer):
     def __init__(self, cfg, engine, loader: TaskLoader, dist_info, plan, special_ids, task: Task,
-                 splits: dict[str, tuple[list[Example], list[dict[str, Any]]]], callbacks=None, tokenizer_sha256=None,
-                 mask_id: int | None = None):
-        self.task, self.splits, self.mask_id = task, splits, mask_id
+                 splits: dict[str, tuple[list[Example], list[dict[str, Any]]]], callbacks=None, tokenizer_sha256=None):
+        self.task, self.splits = task, splits
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"}
         self.evals_without_improvement = 0
         self.early_stopped = False
@@ -117,14 +116,8 @@ class FinetuneTrainer(Trainer):
     def _prepare(self, batch: dict[str, torch.Tensor], micro_step: int, train: bool) -> dict[str, torch.Tensor]:
         batch = {k: v.to(self.dist.device) for k, v in batch.items()}
         if self.cfg.transfer.aux_lm_weight and self.task.kind == "masked":
-            from pretrain.model import apply_mlm_masking
-
-            g = torch.Generator().manual_seed(
-                hash((self.cfg.train.seed, self.state.step if train else -1, micro_step, self.dist.rank)) & 0x7FFFFFFF)
-            specials = [v for k, v in self.special_ids.items() if k != "mask"]
-            inputs, labels = apply_mlm_masking(batch["input_ids"].cpu(), self.mask_id, self.engine.module.config.vocab_size,
-                                               specials, probability=0.15, generator=g)
-            batch["mlm_input_ids"], batch["mlm_labels"] = inputs.to(self.dist.device), labels.to(self.dist.device)
+            # pretraining's own masking (seeded by step, micro-step and rank)
+            batch["mlm_input_ids"], batch["mlm_labels"] = self._mlm(batch["input_ids"], micro_step, train)
         return batch
 
     def loss(self, batch, micro_step: int = 0, train: bool = True) -> torch.Tensor:
@@ -251,9 +244,8 @@ class FinetuneTrainer(Trainer):
 def _ignored(feat: dict[str, Any]) -> dict[str, Any]:
     """A copy of ``feat`` whose targets are all ignored (pads a rank's last evaluation batch)."""
     f = dict(feat)
-    for k in ("labels",):
-        if k in f:
-            f[k] = [IGNORE] * len(f[k]) if isinstance(f[k], list) else IGNORE
+    if "labels" in f:
+        f["labels"] = [IGNORE] * len(f["labels"]) if isinstance(f["labels"], list) else IGNORE
     for k in ("start_positions", "end_positions"):
         if k in f:
             f[k] = 10**9  # clamped to the sequence length: the ignored index of the QA loss
