@@ -104,7 +104,7 @@ def throughput(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[
     from pretrain.engine import batch_plan, ds_config
     from pretrain.model import flops_per_token
 
-    base = train_args(scratch / "x", shards, a, a.steps)
+    base = train_args(scratch / "x", shards, a, a.steps, ["--zero.stage=2"])  # the config the figures are about
     cfg, _, _ = parse_args(base)
     plan = batch_plan(cfg, WORLD)
     vocab = shard_tokenizer(cfg).vocab_size

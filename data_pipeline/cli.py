@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from lmforge.errors import DataError, run_cli
-from lmforge.log import print0
+from lmforge.log import print0, progress_enabled
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,6 +71,10 @@ def _train_tokenizer(args) -> int:
     sources.expand_inputs(inputs)
     t0 = time.time()
     docs = sources.iter_documents(inputs, text_field=args.text_field)
+    if progress_enabled():
+        from tqdm import tqdm
+
+        docs = tqdm(docs, unit="doc", desc="read + sample", dynamic_ncols=True)
     tok = train_tokenizer(
         docs,
         args.out,

@@ -35,6 +35,7 @@ from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from lmforge.errors import ConfigError, DataError
+from lmforge.log import print0
 
 SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}  # ids 0, 1, 2, 3
 LITERAL_SPACE_MARK = "<U+2581>"  # control piece standing for a literal U+2581 in the text
@@ -127,6 +128,8 @@ def train_tokenizer(
     sample = sample_documents(docs, sample_docs, max_sample_chars, seed)
     if not any(s.strip() for s in sample):
         raise DataError("train_tokenizer: the document stream is empty; check the inputs")
+    print0(f"tokenizer: training SentencePiece {model_type} ({vocab_size} pieces) on {len(sample):,} sampled documents "
+           f"({sum(map(len, sample)) / 1e6:.1f} M characters); SentencePiece reports no progress, this is the long part")
     symbols = sorted([*_LAYOUT, *extras, _SPACE, "\0"], key=len, reverse=True)
     cut = re.compile("|".join(map(re.escape, symbols)))
     buf = io.BytesIO()

@@ -13,10 +13,12 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 from finetune.data import Example
 from finetune.tasks import IGNORE, SFT, Task
 from lmforge.errors import ConfigError
+from lmforge.log import progress_enabled
 from pretrain.checkpoint import CheckpointError
 from pretrain.trainer import Callback, Trainer
 
@@ -143,13 +145,18 @@ class FinetuneTrainer(Trainer):
         examples, feats = self.splits[split]
         self.engine.eval()
         B = self.plan.micro_batch_per_rank
-        mine = list(range(self.dist.rank, len(feats), self.dist.world_size))
+        # batches of similar lengths pad less (eval is forward-only, so order does not change any result)
+        mine = sorted(range(self.dist.rank, len(feats), self.dist.world_size), key=lambda i: len(feats[i]["input_ids"]))
         n_batches = math.ceil(math.ceil(len(feats) / self.dist.world_size) / B)
         preds: list[tuple[int, Any]] = []
         total = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # (loss sum, label units)
+        enabled = progress_enabled() if self.cfg.train.progress is None else (self.cfg.train.progress and self.dist.is_main)
+        bar = tqdm(total=n_batches, desc=f"{split}", unit="batch", leave=False, dynamic_ncols=True,
+                   disable=not enabled or n_batches < 10)
         for b in range(n_batches):
+            bar.update(1)
             idx = mine[b * B:(b + 1) * B]
-            rows = [feats[i] for i in idx] + [_ignored(feats[0])] * (B - len(idx))
+            rows = [feats[i] for i in idx] + [_ignored(feats[idx[0] if idx else 0])] * (B - len(idx))
             batch = self._prepare(self.task.collate(rows), b, train=False)
             out = self.engine(**batch)
             units = _label_units(batch)
@@ -161,6 +168,7 @@ class FinetuneTrainer(Trainer):
                 p = self.task.predictions({k: v[:real] for k, v in out.items() if v.dim() > 0},
                                           {k: v[:real] for k, v in batch.items()})
                 preds += list(zip(idx, p))
+        bar.close()
         if self.dist.world_size > 1:
             dist.all_reduce(total)
             gathered: list[Any] = [None] * self.dist.world_size

