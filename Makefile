@@ -4,6 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.lmforge-installed
+# Where pip has no CPU build of torch (this machine has one locally), e.g.
+#   make setup PIP_TORCH_ARGS="--index-url https://download.pytorch.org/whl/cpu"
+PIP_TORCH_ARGS ?=
 # Everything the project caches lives in ignored folders inside the checkout.
 export TORCH_EXTENSIONS_DIR := $(CURDIR)/.cache/torch_extensions
 export HF_HUB_OFFLINE := 1
@@ -21,7 +24,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info >= (3, 10), "lmforge needs Python >= 3.10, found " + sys.version' 
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	# torch first: 2.13.0 is a CPU build available offline here; a floating torch pulls a multi-GB CUDA build.
-	$(PY) -m pip install -q "torch==2.13.0"
+	$(PY) -m pip install -q $(PIP_TORCH_ARGS) "torch==2.13.0"
 	echo "torch==2.13.0" > $(VENV)/constraints.txt
 	$(PY) -m pip install -q -c $(VENV)/constraints.txt -e ".[test]"
 	touch $(STAMP)

@@ -90,7 +90,7 @@ class FinetuneTrainConfig:
 class FinetuneConfig:
     run_dir: str = "runs/finetune"
     init_from: str | None = None  # pretrain run dir (its latest checkpoint), one checkpoints/step_N dir, or an HF export dir
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "bf16"  # auto: bf16 on GPUs / AMX CPUs, else fp32
     task: TaskConfig = field(default_factory=TaskConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)

@@ -45,7 +45,7 @@ from pretrain.checkpoint import (
     save,
 )
 from pretrain.dist import DistInfo, init_distributed, shutdown
-from pretrain.engine import build_engine, plan_batches, reapply_group_hparams
+from pretrain.engine import build_engine, plan_batches, reapply_group_hparams, resolve_precision
 from pretrain.run import _lock_run_dir, seed_everything
 
 METRICS = "metrics.json"
@@ -71,6 +71,7 @@ def load_splits(cfg: FinetuneConfig, task) -> dict[str, list]:
 
 
 def build(cfg: FinetuneConfig, info: DistInfo) -> FinetuneTrainer:
+    cfg.precision = resolve_precision(cfg.precision)  # before config.yaml and checkpoints record it
     run_dir = Path(cfg.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -91,6 +92,7 @@ def build(cfg: FinetuneConfig, info: DistInfo) -> FinetuneTrainer:
     if not splits["train"][1]:
         raise DataError(f"{cfg.data.train}: no usable training examples")
 
+    target = resolve_resume(cfg, info.world_size)  # first: a resume keeps the checkpoint's global batch
     plan = plan_batches(cfg.train.micro_batch_size, cfg.train.global_batch_size, info.world_size, cfg.task.max_seq_len)
     n_train = len(splits["train"][1])
     if cfg.train.max_steps is None:
@@ -105,7 +107,6 @@ def build(cfg: FinetuneConfig, info: DistInfo) -> FinetuneTrainer:
     module = build_module(cfg, task, backbone)
     n_total = sum(p.numel() for p in module.parameters())
     n_train_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
-    target = resolve_resume(cfg, info.world_size)
     engine = build_engine(module, cfg, plan, load_universal=bool(target and target.universal),
                           param_groups=param_groups(module, cfg))
     loader = TaskLoader(splits["train"][1], plan.micro_batch_per_rank, plan.grad_accum_steps, info.rank,

@@ -70,7 +70,9 @@ def main(argv: list[str] | None = None) -> int:
         "--shard-tokens", str(1 << 21), "--val-docs", "100", "--val-every", "20", "--seq-len", "256"], env)
     times["verify"] = _run("verify the shards", [py, "-m", "data_pipeline", "inspect", str(shards), "--verify"], env)
     every = max(1, args.steps // 3)
-    precision = args.precision or _default_precision()
+    from pretrain.engine import resolve_precision
+
+    precision = args.precision or resolve_precision("auto")
     pre = ["configs/pretrain/small.yaml", f"--run_dir={run_dir}", f"--data.shards=[{shards}]",
            f"--train.max_steps={args.steps}", "--zero.stage=2", f"--precision={precision}",
            "--train.micro_batch_size=4", "--optim.warmup_steps=10", f"--checkpoint.interval_steps={every}",
@@ -130,20 +132,6 @@ def _finetune_rt(out: Path, run_dir: Path, args, precision: str, env: dict[str, 
     for k in ("pretrained", "random init", "majority class"):
         print(f"    {k:<15} {results[k]:.4f}")
     return results
-
-
-def _default_precision() -> str:
-    """bf16 where the hardware runs it fast: a GPU, or a CPU with AVX512-BF16 / AMX (elsewhere CPU bf16
-    matmuls are emulated, ~10x slower than fp32)."""
-    import torch
-
-    if torch.cuda.is_available():
-        return "bf16"
-    try:
-        flags = set(Path("/proc/cpuinfo").read_text().split())
-    except OSError:
-        flags = set()
-    return "bf16" if flags & {"avx512_bf16", "amx_bf16"} else "fp32"
 
 
 def _finished(run_dir: Path, steps: int) -> bool:

@@ -123,6 +123,7 @@ def resolve_resume(cfg: PretrainConfig, world_size: int) -> ResumeTarget | None:
             raise CheckpointError(f"{step_dir} is incomplete (no {STATE}: its save was interrupted); pick another step")
     state = read_state(step_dir)
     _check_compatible(cfg, state, step_dir)
+    _keep_global_batch(cfg, state, step_dir)
     universal = state["world_size"] != world_size and state["zero_stage"] > 0
     return ResumeTarget(step_dir, state, universal)
 
@@ -138,6 +139,20 @@ def _check_compatible(cfg: PretrainConfig, state: dict[str, Any], step_dir: Path
         raise CheckpointError(
             f"cannot resume {step_dir} (ZeRO-{state['zero_stage']}) with ZeRO-{cfg.zero.stage}: keep zero.stage"
         )
+
+
+def _keep_global_batch(cfg, state: dict[str, Any], step_dir: Path) -> None:
+    """A resume continues the same optimisation: an unset global batch is the checkpoint's, not micro x ranks
+    (which changes with the number of ranks); an explicit different one is allowed, with a warning."""
+    saved, now = state.get("global_batch"), cfg.train.global_batch_size
+    if saved is None or now == saved:
+        return
+    if now is None:
+        cfg.train.global_batch_size = saved
+        print0(f"resume: keeping the global batch of {step_dir.name}, {saved} (train.global_batch_size is not set)")
+    else:
+        print0(f"warning: {step_dir.name} was trained with global batch {saved}; continuing with "
+               f"train.global_batch_size={now} changes the optimisation")
 
 
 # ---------------------------------------------------------------- world-size change
@@ -200,6 +215,7 @@ def save(trainer, reason: str = "interval") -> Path:
             "step": trainer.state.step,
             "tokens_seen": trainer.state.tokens_seen,
             "world_size": info.world_size,
+            "global_batch": trainer.plan.global_batch,
             "zero_stage": cfg.zero.stage,
             "precision": cfg.precision,
             "model": to_dict(cfg.model),

@@ -106,7 +106,7 @@ class ResumeConfig:
 @dataclass
 class PretrainConfig:
     run_dir: str = "runs/default"
-    precision: Literal["bf16", "fp16", "fp32"] = "bf16"
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "bf16"  # auto: bf16 on GPUs / AMX CPUs, else fp32
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

@@ -33,6 +33,21 @@ class BatchPlan:
         return self.global_batch * self.seq_len
 
 
+def resolve_precision(precision: str, cuda: bool | None = None, cpu_flags: set[str] | None = None) -> str:
+    """``auto`` → bf16 where the hardware runs it fast (a GPU, or a CPU with AVX512-BF16 or AMX), else fp32
+    (other CPUs emulate bf16 matmuls, ~10x slower than fp32). Explicit precisions are returned as given."""
+    if precision != "auto":
+        return precision
+    if torch.cuda.is_available() if cuda is None else cuda:
+        return "bf16"
+    if cpu_flags is None:
+        try:
+            cpu_flags = set(Path("/proc/cpuinfo").read_text().split())
+        except OSError:
+            cpu_flags = set()
+    return "bf16" if cpu_flags & {"avx512_bf16", "amx_bf16"} else "fp32"
+
+
 def batch_plan(cfg: PretrainConfig, dp_world: int) -> BatchPlan:
     """global = micro × accumulation × ranks; anything else is an error naming the keys."""
     return plan_batches(cfg.train.micro_batch_size, cfg.train.global_batch_size, dp_world, cfg.data.seq_len)

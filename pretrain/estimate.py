@@ -81,10 +81,12 @@ def describe(cfg: PretrainConfig, vocab_size: int, world_size: int = 1) -> dict[
     plan = batch_plan(cfg, world_size)  # the engine's batch arithmetic, so the two cannot disagree
     tokens_per_step = plan.tokens_per_step
     fpt = flops_per_token(m, vocab_size, cfg.data.seq_len)
+    # a dry run plans for the accelerator the job will get (a login node has none): auto means bf16 there
+    precision = "bf16" if cfg.precision == "auto" else cfg.precision
     memory = {}
     for stage in range(4):
         offload = cfg.zero.offload_optimizer and stage > 0
-        mem = zero_memory_per_rank(n_params, world_size, stage, cfg.precision, offload)
+        mem = zero_memory_per_rank(n_params, world_size, stage, precision, offload)
         memory[f"zero{stage}"] = round(mem["total"] / GiB, 3)
     return {
         "kind": m.kind,
@@ -100,7 +102,7 @@ def describe(cfg: PretrainConfig, vocab_size: int, world_size: int = 1) -> dict[
         "grad_accum_steps": plan.grad_accum_steps,
         "tokens_per_step": tokens_per_step,
         "flops_per_step": fpt * tokens_per_step,
-        "precision": cfg.precision,
+        "precision": cfg.precision if precision == cfg.precision else f"{cfg.precision} (bf16 on GPUs)",
         "zero_stage": cfg.zero.stage,
         "offload_optimizer": cfg.zero.offload_optimizer,
         "memory_per_rank_gb": memory,  # model states only, GiB (2**30 bytes)

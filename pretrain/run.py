@@ -18,7 +18,7 @@ from pretrain.checkpoint import Checkpointer, resolve_resume, restore
 from pretrain.cli import shard_tokenizer
 from pretrain.config import PretrainConfig
 from pretrain.dist import DistInfo, init_distributed, shutdown
-from pretrain.engine import batch_plan, build_engine
+from pretrain.engine import batch_plan, build_engine, resolve_precision
 from pretrain.trainer import Callback, Trainer, TrainState
 
 
@@ -75,16 +75,17 @@ def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] |
     """Everything a run needs, ready for ``fit()`` (checkpoint restore hooks in before fit)."""
     from pretrain.model import build_model, flops_per_token
 
+    cfg.precision = resolve_precision(cfg.precision)  # before config.yaml and checkpoints record it
     tok = shard_tokenizer(cfg)
     ids = special_ids(tok, cfg.model.kind)
     run_dir = prepare_run_dir(cfg, tok, info)
+    target = resolve_resume(cfg, info.world_size)  # first: a resume keeps the checkpoint's global batch
     plan = batch_plan(cfg, info.world_size)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     # The full model is built on every rank and partitioned by deepspeed.initialize, so every ZeRO
     # stage starts from the same weights (zero.Init would partition at construction, with another init).
     model = build_model(cfg.model, tok.vocab_size, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
                         mask_id=ids.get("mask"))
-    target = resolve_resume(cfg, info.world_size)
     engine = build_engine(model, cfg, plan, load_universal=bool(target and target.universal))
     loader = ShardLoader(
         cfg.data.shards, cfg.data.seq_len, plan.micro_batch_per_rank, seed=cfg.data.seed, rank=info.rank,

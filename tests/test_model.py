@@ -60,7 +60,7 @@ def test_big_presets_use_zero_and_checkpointing():
     for name, stage in [("1b3", 2), ("2b7", 2), ("7b", 3)]:
         cfg, _ = preset(name)
         assert cfg.zero.stage == stage and cfg.train.activation_checkpointing, name
-        assert cfg.precision == "bf16" and cfg.data.seq_len == 2048 and cfg.model.vocab_size == 32000
+        assert cfg.precision == "auto" and cfg.data.seq_len == 2048 and cfg.model.vocab_size == 32000
 
 
 def test_7b_is_the_llama2_shape():

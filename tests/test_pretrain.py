@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -158,3 +159,24 @@ def test_dry_run_reports_size_flops_and_memory(preset, nominal):
     n = int(line.split(":")[1].replace(",", ""))
     assert abs(n - nominal) / nominal < 0.03
     assert "flops_per_token" in proc.stdout and "zero3" in proc.stdout
+
+
+def test_auto_precision_is_bf16_only_where_it_is_fast():
+    from pretrain.engine import resolve_precision
+
+    assert resolve_precision("auto", cuda=True, cpu_flags=set()) == "bf16"
+    assert resolve_precision("auto", cuda=False, cpu_flags={"avx2", "fma"}) == "fp32"  # bf16 emulated: ~10x slower
+    assert resolve_precision("auto", cuda=False, cpu_flags={"avx512f", "avx512_bf16"}) == "bf16"
+    assert resolve_precision("auto", cuda=False, cpu_flags={"amx_bf16", "amx_tile"}) == "bf16"
+    assert resolve_precision("bf16", cuda=False, cpu_flags=set()) == "bf16"  # an explicit choice stands
+
+
+def test_auto_precision_is_resolved_before_the_run_records_it(tmp_path, shards_dir):
+    from pretrain.engine import resolve_precision
+
+    run_stage("pretrain", _args(tmp_path, shards_dir, "--train.max_steps=2", "--precision=auto",
+                                "--train.micro_batch_size=4", "--checkpoint.interval_steps=2"))
+    want = resolve_precision("auto")
+    assert f"precision: {want}" in (tmp_path / "config.yaml").read_text()
+    state = json.loads((tmp_path / "checkpoints" / "step_00000002" / "trainer_state.json").read_text())
+    assert state["precision"] == want and state["global_batch"] == 4

@@ -44,7 +44,7 @@ TINY: list[tuple[str, str]] = [
     (r"--seq-len 2048", "--seq-len 64"),
 ]
 TINY_TRAIN = ["--data.seq_len=64", "--train.micro_batch_size=2", "--train.eval_every=0", "--train.eval_samples=4"]
-TINY_FT = ["--task.max_seq_len=64", "--train.micro_batch_size=4", "--precision=fp32"]
+TINY_FT = ["--task.max_seq_len=64", "--train.micro_batch_size=4"]
 
 
 def readme_blocks() -> list[tuple[list[str], bool]]:
