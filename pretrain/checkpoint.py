@@ -123,7 +123,7 @@ def resolve_resume(cfg: PretrainConfig, world_size: int) -> ResumeTarget | None:
             raise CheckpointError(f"{step_dir} is incomplete (no {STATE}: its save was interrupted); pick another step")
     state = read_state(step_dir)
     _check_compatible(cfg, state, step_dir)
-    _keep_global_batch(cfg, state, step_dir)
+    _keep_global_batch(cfg, state, step_dir, world_size)
     universal = state["world_size"] != world_size and state["zero_stage"] > 0
     return ResumeTarget(step_dir, state, universal)
 
@@ -141,7 +141,7 @@ def _check_compatible(cfg: PretrainConfig, state: dict[str, Any], step_dir: Path
         )
 
 
-def _keep_global_batch(cfg, state: dict[str, Any], step_dir: Path) -> None:
+def _keep_global_batch(cfg, state: dict[str, Any], step_dir: Path, world_size: int) -> None:
     """A resume continues the same optimisation: an unset global batch is the checkpoint's, not micro x ranks
     (which changes with the number of ranks); an explicit different one is allowed, with a warning."""
     saved, now = state.get("global_batch"), cfg.train.global_batch_size
@@ -149,7 +149,8 @@ def _keep_global_batch(cfg, state: dict[str, Any], step_dir: Path) -> None:
         return
     if now is None:
         cfg.train.global_batch_size = saved
-        print0(f"resume: keeping the global batch of {step_dir.name}, {saved} (train.global_batch_size is not set)")
+        if saved != cfg.train.micro_batch_size * world_size:  # said only when it differs from micro x ranks
+            print0(f"resume: keeping the global batch of {step_dir.name}, {saved} (train.global_batch_size is not set)")
     else:
         print0(f"warning: {step_dir.name} was trained with global batch {saved}; continuing with "
                f"train.global_batch_size={now} changes the optimisation")
