@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--precision", default=None, help="bf16|fp32 (default: bf16 on a GPU or a CPU with AVX512-BF16/AMX; "
                     "fp32 on other CPUs, where bf16 matmuls are ~10x slower)")
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--finetune-steps", type=int, default=60, help="fine-tuning steps (batch 32) on Rotten Tomatoes")
+    ap.add_argument("--finetune-steps", type=int, default=40, help="fine-tuning steps (batch 32) on Rotten Tomatoes")
     ap.add_argument("--no-finetune", action="store_true", help="skip stage 6")
     args = ap.parse_args(argv)
     out, env, py = REPO / args.out, _env(), sys.executable
@@ -121,7 +121,7 @@ def _finetune_rt(out: Path, run_dir: Path, args, precision: str, env: dict[str, 
                           f"--data.train={info['train']['path']}", f"--data.validation={info['validation']['path']}",
                           f"--data.test={info['test']['path']}", f"--train.max_steps={args.finetune_steps}",
                           "--train.micro_batch_size=16", "--task.max_seq_len=48", "--zero.stage=2",
-                          f"--precision={precision}", "--optim.lr=1e-4", "--optim.warmup_steps=6",
+                          f"--precision={precision}", "--optim.lr=3e-4", f"--optim.warmup_steps={max(1, args.finetune_steps // 10)}",
                           "--data.max_validation_examples=300", f"--train.eval_every={args.finetune_steps}",
                           "--train.log_every=10", *extra]
         times[f"fine-tune ({name})"] = _run(f"fine-tune `small` ({name}) on Rotten Tomatoes, {args.finetune_steps} steps",
