@@ -17,6 +17,7 @@ BENCHMARKS = [
     "data_pipeline",  # build vs limit / peer, scaling over workers, cost growth over corpus size
     "train_throughput",  # pretrain vs limit / peer, MFU, scaling over processes, RSS per ZeRO stage
     "checkpoint",  # save / load / world-size change / export
+    "model_init",  # peak RSS per rank while building a model: whole vs ZeRO-3 partitioned
 ]
 
 

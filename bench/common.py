@@ -116,7 +116,8 @@ def emit(records: Sequence[dict[str, Any]], name: str, results_dir: Path | None 
     stamp = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     load = [round(x, 2) for x in os.getloadavg()]
     for r in records:
-        r["config"].update({"bench_command": command, "measured_at": stamp, "loadavg_1_5_15": load})
+        for key, value in {"bench_command": command, "measured_at": stamp, "loadavg_1_5_15": load}.items():
+            r["config"].setdefault(key, value)  # records kept from an earlier run keep their own
     validate(records)
     out_dir = Path(results_dir or RESULTS_DIR)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -129,7 +130,8 @@ def emit(records: Sequence[dict[str, Any]], name: str, results_dir: Path | None 
     os.replace(tmp, path)
     with open(out_dir / "history.jsonl", "a") as f:
         for r in records:
-            f.write(json.dumps({"time": stamp, "benchmark": name, **r}) + "\n")
+            if r["config"]["measured_at"] == stamp:  # not the records kept from an earlier run
+                f.write(json.dumps({"time": stamp, "benchmark": name, **r}) + "\n")
     return path
 
 

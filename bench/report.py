@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -57,12 +58,17 @@ def markdown_table(records: Sequence[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+_CHECKOUT = re.compile(r"/[^\s=\[\]]+/(?=bench/results/)")
+
+
 def _commands(records: Sequence[dict[str, Any]]) -> list[str]:
     """Each distinct command behind the figures (paths relative to the repository), with its figures."""
     by_cmd: dict[str, list[str]] = {}
     for r in records:
         cmd = r["config"].get("command")
-        cmd = f"`{cmd.replace(str(REPO) + '/', '')}`" if cmd else "in the benchmark's own process (see its `what`)"
+        # the checkout the benchmark ran in (this one or a fresh clone) → paths from the repository root
+        cmd = f"`{_CHECKOUT.sub('', cmd.replace(str(REPO) + '/', ''))}`" if cmd else \
+            "in the benchmark's own process (see its `what`)"
         by_cmd.setdefault(cmd, []).append(r["name"])
     return [f"- {cmd} → {', '.join(f'`{n}`' for n in names)}" for cmd, names in by_cmd.items()]
 

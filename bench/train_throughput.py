@@ -44,7 +44,7 @@ from bench._train_common import (
     tb_scalars,
     torchrun,
 )
-from bench.common import bench_command, emit, print_table, record
+from bench.common import RESULTS_DIR, bench_command, emit, print_table, record
 
 NAME = "train_throughput"
 PRESET = "configs/pretrain/small.yaml"
@@ -224,13 +224,15 @@ def n_params_of(args: list[str]) -> int:
 def memory(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[str, Any]]:
     recs: list[dict[str, Any]] = []
     zero0 = None
-    for stage in (0, 2, 3):
-        run_dir = scratch / f"mem-zero{stage}"
+    variants = {"zero0": ["--zero.stage=0"], "zero2": ["--zero.stage=2"], "zero3": ["--zero.stage=3"],
+                "zero3_partitioned_init": ["--zero.stage=3", "--zero.partitioned_init=true"]}
+    for tag, zero_args in variants.items():
+        run_dir = scratch / f"mem-{tag}"
         shutil.rmtree(run_dir, ignore_errors=True)
-        args = train_args(run_dir, shards, a, a.mem_steps, [*WIDE, f"--zero.stage={stage}"])
-        log(NAME, f"memory: ZeRO-{stage}, 64.7M params, {a.mem_steps} steps (load {load_average()})")
+        args = train_args(run_dir, shards, a, a.mem_steps, [*WIDE, *zero_args])
+        log(NAME, f"memory: {' '.join(zero_args)}, 64.7M params, {a.mem_steps} steps (load {load_average()})")
         r = run_tree(torchrun(WORLD, "pretrain", args))
-        check(NAME, f"ZeRO-{stage} memory run", r)
+        check(NAME, f"{tag} memory run", r)
         reported = max(v for _, _, v in tb_scalars(run_dir, "sys/peak_mem_gb"))
         cfg = {"n_params": n_params_of(args), "model": "small + " + " ".join(WIDE), "world_size": WORLD,
                "precision": "fp32", "seq_len": a.seq_len, "micro_batch_per_rank": a.micro, "steps": a.mem_steps,
@@ -238,8 +240,8 @@ def memory(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[str,
                "per_process_peaks_mb": r["peak_rss_mb_procs"], "tree_peak_mb": round(r["peak_rss_mb_tree"], 1),
                "trainer_reported_peak_gb": round(reported, 3), "load_avg": load_average(),
                "command": "torchrun --nproc_per_node 2 -m pretrain "
-                          + " ".join(train_args(Path("RUN"), shards, a, a.mem_steps, [*WIDE, f"--zero.stage={stage}"]))}
-        rec = record(f"{NAME}.rss_per_rank.zero{stage}", "peak_rss", r["peak_rss_mb_per_proc"], "MB", zero0, config=cfg)
+                          + " ".join(train_args(Path("RUN"), shards, a, a.mem_steps, [*WIDE, *zero_args]))}
+        rec = record(f"{NAME}.rss_per_rank.{tag}", "peak_rss", r["peak_rss_mb_per_proc"], "MB", zero0, config=cfg)
         zero0 = zero0 or rec
         recs.append(rec)
     return recs
@@ -252,6 +254,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the steady state")
     ap.add_argument("--repeats", type=int, default=None, help="rounds of ours/peer/limit (default 2)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--only-memory", action="store_true",
+                    help="re-measure RSS per ZeRO variant only; the other records of the last run are kept")
     a = ap.parse_args(argv)
     a.seq_len, a.micro = (128, 4) if a.quick else (256, 8)
     a.steps = a.steps or (6 if a.quick else 12)
@@ -261,9 +265,14 @@ def main(argv: list[str] | None = None) -> int:
     scratch = SCRATCH / NAME
     scratch.mkdir(parents=True, exist_ok=True)
     log(NAME, f"load average at start: {load_average()} (2 cores)")
-    recs = throughput(a, shards, scratch)
-    if not a.skip_memory:
-        recs += memory(a, shards, scratch)
+    if a.only_memory:
+        last = RESULTS_DIR / f"{NAME}{'-quick' if a.quick else ''}.json"
+        kept = json.loads(last.read_text()) if last.is_file() else []
+        recs = [r for r in kept if ".rss_per_rank." not in r["name"]] + memory(a, shards, scratch)
+    else:
+        recs = throughput(a, shards, scratch)
+        if not a.skip_memory:
+            recs += memory(a, shards, scratch)
     emit(recs, NAME + ("-quick" if a.quick else ""), command=bench_command(NAME, argv))
     print_table(recs)
     return 0

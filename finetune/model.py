@@ -13,6 +13,7 @@ plus the pretrained LM head for the auxiliary loss. Its ``task_model`` is what g
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -226,9 +227,48 @@ class FinetuneModule(nn.Module):
         return F.cross_entropy(logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE)
 
 
-def build_module(cfg: FinetuneConfig, task: Task, backbone: Backbone) -> FinetuneModule:
-    """The task model with the pretrained weights (seed first: heads are freshly initialised)."""
+class HFWeights(Mapping[str, torch.Tensor]):
+    """The tensors of a Hugging Face directory's ``*.safetensors``, read one at a time when asked for;
+    names (less ``prefix``) and shapes are known without reading any. Under ZeRO-3 only rank 0 reads."""
+
+    def __init__(self, hf_dir: Path, prefix: str = ""):
+        from safetensors import safe_open
+
+        self._where: dict[str, tuple[str, str]] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        for f in sorted(Path(hf_dir).glob("*.safetensors")):
+            with safe_open(str(f), "pt") as h:
+                for key in h.keys():
+                    if key.startswith(prefix):
+                        self._where[key[len(prefix):]] = (str(f), key)
+                        self.shapes[key[len(prefix):]] = tuple(h.get_slice(key).get_shape())
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        path, key = self._where[name]
+        with safe_open(path, "pt") as h:
+            return h.get_tensor(key)
+
+    def __iter__(self):
+        return iter(self._where)
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+
+def build_module(cfg: FinetuneConfig, task: Task, backbone: Backbone, ds_config: dict | None = None) -> FinetuneModule:
+    """The task model with the pretrained weights (seed first: heads are freshly initialised).
+
+    ``ds_config`` (ZeRO-3 engine settings): every module is built already partitioned and the weights
+    are copied in one tensor at a time from rank 0, so no rank holds the whole model; the result equals
+    the plain build's (tested).
+    """
+    from contextlib import nullcontext
+
     from transformers import AutoConfig
+
+    from pretrain.model import partitioned_construction
 
     kind = backbone.model.kind
     conf = AutoConfig.from_pretrained(backbone.hf_dir)
@@ -236,52 +276,82 @@ def build_module(cfg: FinetuneConfig, task: Task, backbone: Backbone) -> Finetun
         conf.num_labels = task.num_labels
         conf.update(task.hf_label_maps())
     cls = task_model_class(task, kind)
-    tm = cls(conf)
-    sd = load_hf_weights(backbone.hf_dir)
+    construct = (lambda: partitioned_construction(ds_config)) if ds_config is not None else nullcontext
+    with construct():
+        tm = cls(conf)
+    weights = HFWeights(backbone.hf_dir)
     if not cfg.transfer.random_init:
-        _load_backbone(tm, task, kind, sd, backbone.hf_dir)
-    lm_head = _lm_head(tm, kind, conf, sd, cfg) if cfg.transfer.aux_lm_weight else None
+        _load_backbone(tm, task, kind, backbone.hf_dir, partitioned=ds_config is not None)
+    lm_head = None
+    if cfg.transfer.aux_lm_weight:
+        with construct():
+            lm_head = _new_lm_head(kind, conf)
+        _fill_lm_head(lm_head, tm, kind, conf, weights, cfg, backbone.hf_dir, partitioned=ds_config is not None)
     module = FinetuneModule(task, tm, kind, cfg.transfer.aux_lm_weight, lm_head)
     apply_freezing(module, cfg)
     return module
 
 
-def _load_backbone(tm: nn.Module, task: Task, kind: str, sd: dict[str, torch.Tensor], where: Path) -> None:
+def _load_into(module: nn.Module, weights: Mapping[str, torch.Tensor], partitioned: bool) -> tuple[list[str], list[str]]:
+    if partitioned:
+        from pretrain.model import load_partitioned
+
+        return load_partitioned(module, weights)
+    missing, unexpected = module.load_state_dict(dict(weights), strict=False)
+    return list(missing), list(unexpected)
+
+
+def _load_backbone(tm: nn.Module, task: Task, kind: str, where: Path, partitioned: bool) -> None:
     if task.name == "sft":
         from pretrain.export import load_weights
 
-        load_weights(tm, sd, where)
+        if not partitioned:
+            load_weights(tm, load_hf_weights(where), where)
+            return
+        missing, unexpected = _load_into(tm, HFWeights(where), partitioned)
+        really_missing = [k for k in missing if k not in _tied_keys(tm)]
+        if really_missing or unexpected:
+            raise CheckpointError(f"{where}: weights do not match the model (missing {really_missing[:3]}, "
+                                  f"unexpected {unexpected[:3]})")
+        tm.tie_weights()
         return
     prefix = "model." if kind == "causal" else "bert."
-    base_sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
-    missing, unexpected = base_of(tm).load_state_dict(base_sd, strict=False)
+    missing, unexpected = _load_into(base_of(tm), HFWeights(where, prefix), partitioned)
     missing = [k for k in missing if not k.startswith("pooler.")]  # BERT's pooler is part of the new head
     if missing or unexpected:
         raise CheckpointError(f"{where}: backbone weights do not fit the {type(tm).__name__} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def _lm_head(tm: nn.Module, kind: str, conf, sd: dict[str, torch.Tensor], cfg: FinetuneConfig) -> nn.Module:
+def _tied_keys(model: nn.Module) -> set[str]:
+    tied = getattr(model, "_tied_weights_keys", None) or []
+    return set(tied)
+
+
+def _new_lm_head(kind: str, conf) -> nn.Module:
+    if kind == "causal":
+        return nn.Linear(conf.hidden_size, conf.vocab_size, bias=False)
+    from transformers.models.bert.modeling_bert import BertOnlyMLMHead
+
+    return BertOnlyMLMHead(conf)
+
+
+def _fill_lm_head(head: nn.Module, tm: nn.Module, kind: str, conf, weights: HFWeights, cfg: FinetuneConfig,
+                  where: Path, partitioned: bool) -> None:
     """The pretrained LM head (tied to the input embeddings where the backbone ties them)."""
     base = base_of(tm)
     if kind == "causal":
-        head = nn.Linear(conf.hidden_size, conf.vocab_size, bias=False)
-        if getattr(conf, "tie_word_embeddings", False) or "lm_head.weight" not in sd:
+        if getattr(conf, "tie_word_embeddings", False) or "lm_head.weight" not in weights:
             head.weight = base.embed_tokens.weight
         elif not cfg.transfer.random_init:
-            head.weight.data.copy_(sd["lm_head.weight"])
-        return head
-    from transformers.models.bert.modeling_bert import BertOnlyMLMHead
-
-    head = BertOnlyMLMHead(conf)
+            _load_into(head, HFWeights(where, "lm_head."), partitioned)  # its "weight"
+        return
     if not cfg.transfer.random_init:
-        missing, _ = head.load_state_dict({k[len("cls."):]: v for k, v in sd.items() if k.startswith("cls.")},
-                                          strict=False)
+        missing, _ = _load_into(head, HFWeights(where, "cls."), partitioned)
         if [k for k in missing if k not in ("predictions.decoder.weight", "predictions.decoder.bias")]:
             raise CheckpointError(f"the backbone has no complete MLM head for aux_lm_weight (missing {missing[:3]})")
     head.predictions.decoder.weight = base.embeddings.word_embeddings.weight  # tied, as in BertForMaskedLM
     head.predictions.decoder.bias = head.predictions.bias
-    return head
 
 
 def apply_freezing(module: FinetuneModule, cfg: FinetuneConfig) -> None:
@@ -315,6 +385,8 @@ def layer_id(name: str, num_layers: int) -> int:
 
 def param_groups(module: FinetuneModule, cfg: FinetuneConfig) -> list[dict[str, Any]] | None:
     """Per-layer groups for layer-wise lr decay (None: the engine's default two groups)."""
+    from pretrain.engine import param_ndim
+
     decay = cfg.transfer.layerwise_lr_decay
     if decay == 1.0:
         return None
@@ -326,7 +398,7 @@ def param_groups(module: FinetuneModule, cfg: FinetuneConfig) -> list[dict[str, 
             continue
         seen.add(id(p))
         lid = layer_id(name, L)
-        wd = p.ndim >= 2
+        wd = param_ndim(p) >= 2
         g = groups.setdefault((lid, wd), {"params": [], "lr": cfg.optim.lr * decay ** (L + 1 - lid),
                                            "weight_decay": cfg.optim.weight_decay if wd else 0.0})
         g["params"].append(p)

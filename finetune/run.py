@@ -45,7 +45,16 @@ from pretrain.checkpoint import (
     save,
 )
 from pretrain.dist import DistInfo, init_distributed, shutdown
-from pretrain.engine import build_engine, plan_batches, reapply_group_hparams, resolve_precision
+from pretrain.engine import (
+    build_engine,
+    builds_partitioned,
+    ds_config,
+    offload_summary,
+    param_numel,
+    plan_batches,
+    reapply_group_hparams,
+    resolve_precision,
+)
 from pretrain.run import _lock_run_dir, seed_everything
 
 METRICS = "metrics.json"
@@ -104,9 +113,13 @@ def build(cfg: FinetuneConfig, info: DistInfo) -> FinetuneTrainer:
         tok.save(run_dir / "tokenizer")
 
     seed_everything(cfg.train.seed)  # the same head initialisation on every rank
-    module = build_module(cfg, task, backbone)
-    n_total = sum(p.numel() for p in module.parameters())
-    n_train_params = sum(p.numel() for p in module.parameters() if p.requires_grad)
+    partitioned = builds_partitioned(cfg)
+    conf = ds_config(cfg, plan, load_universal=bool(target and target.universal)) if partitioned else None
+    module = build_module(cfg, task, backbone, conf)
+    n_total = sum(param_numel(p) for p in module.parameters())
+    n_train_params = sum(param_numel(p) for p in module.parameters() if p.requires_grad)
+    # read from the parameters themselves: were they partitioned before the engine saw them?
+    built = " (built partitioned)" if all(hasattr(p, "ds_id") for p in module.parameters()) else ""
     engine = build_engine(module, cfg, plan, load_universal=bool(target and target.universal),
                           param_groups=param_groups(module, cfg))
     loader = TaskLoader(splits["train"][1], plan.micro_batch_per_rank, plan.grad_accum_steps, info.rank,
@@ -124,7 +137,8 @@ def build(cfg: FinetuneConfig, info: DistInfo) -> FinetuneTrainer:
         f"trainable), {n_train} train / {len(splits['validation'][1])} validation features"
         + (f" / {len(splits['test'][1])} test" if "test" in splits else "")
         + f", {cfg.train.max_steps} steps of {plan.global_batch} ({cfg.train.max_steps * plan.global_batch / n_train:.2f} "
-        f"epochs), {info.world_size} rank(s), ZeRO-{cfg.zero.stage}, {cfg.precision}"
+        f"epochs), {info.world_size} rank(s), ZeRO-{cfg.zero.stage}{built}, {cfg.precision}"
+        + (f", offload: {off}" if (off := offload_summary(engine)) else "")
         + (f", labels {task.labels}" if task.labels else "")
     )
     trainer = FinetuneTrainer(cfg, engine, loader, info, plan, ids, task, splits, callbacks,

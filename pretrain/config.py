@@ -75,6 +75,10 @@ class ZeroConfig:
     stage: int = 0  # DeepSpeed ZeRO stage 0-3
     offload_optimizer: bool = False  # optimizer states (and step) on CPU
     offload_param: bool = False  # ZeRO-3 parameters on CPU
+    # ZeRO-3: build the model inside deepspeed.zero.Init, so no rank ever holds all of it; false =
+    # build it whole on every rank, then partition; None = on GPUs only (on DeepSpeed's CPU accelerator
+    # the whole build is faster and peaks lower: freed full-size tensors stay in the C heap, bench/model_init.py)
+    partitioned_init: bool | None = None
     ds_config: str | None = None  # engine settings JSON; None = ds_configs/zero{stage}[_offload].json
 
 

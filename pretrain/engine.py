@@ -103,8 +103,7 @@ def ds_config(cfg: PretrainConfig, plan: BatchPlan, load_universal: bool = False
                 "betas": [o.beta1, o.beta2],
                 "eps": o.eps,
                 "weight_decay": o.weight_decay,
-                # torch's AdamW needs no JIT-compiled op; offload uses DeepSpeedCPUAdam instead
-                "torch_adam": not cfg.zero.offload_optimizer,
+                "torch_adam": _torch_adam(cfg),
                 "adam_w_mode": True,
             },
         },
@@ -117,6 +116,37 @@ def ds_config(cfg: PretrainConfig, plan: BatchPlan, load_universal: bool = False
         conf["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                         "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     return conf
+
+
+def builds_partitioned(cfg: PretrainConfig) -> bool:
+    """Whether the model is built inside deepspeed.zero.Init (ZeRO-3 only; see ZeroConfig.partitioned_init)."""
+    if cfg.zero.stage != 3:
+        return False
+    if cfg.zero.partitioned_init is not None:
+        return cfg.zero.partitioned_init
+    from deepspeed.accelerator import get_accelerator
+
+    return get_accelerator().device_name() != "cpu"
+
+
+def _torch_adam(cfg: PretrainConfig) -> bool:
+    """torch's AdamW needs no JIT-compiled op. Offloading from a GPU uses DeepSpeedCPUAdam (a C++ op
+    built on first use, much faster than torch's AdamW on host memory); on DeepSpeed's CPU accelerator
+    everything is in host memory already and torch's AdamW is used, so nothing is compiled."""
+    from deepspeed.accelerator import get_accelerator
+
+    return not cfg.zero.offload_optimizer or get_accelerator().device_name() == "cpu"
+
+
+def offload_summary(engine) -> str:
+    """What the engine really offloads, read from its ZeRO optimizer (not from the config)."""
+    opt = getattr(engine, "optimizer", None)
+    parts = []
+    if getattr(opt, "cpu_offload", False) or getattr(opt, "offload_optimizer", False):
+        parts.append(f"optimizer states → cpu ({type(engine.basic_optimizer).__name__})")
+    if getattr(opt, "offload_param", False):
+        parts.append("parameters → cpu")
+    return ", ".join(parts)
 
 
 def lr_schedule(optimizer: torch.optim.Optimizer, cfg: PretrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
@@ -151,13 +181,23 @@ def reapply_group_hparams(engine, cfg: PretrainConfig) -> None:
         group.update(hp)
 
 
+def param_ndim(p: torch.Tensor) -> int:
+    """The parameter's real rank, also when ZeRO-3 already partitioned it into a flat shard."""
+    return len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim
+
+
+def param_numel(p: torch.Tensor) -> int:
+    """The parameter's real size, also when ZeRO-3 already partitioned it."""
+    return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
+
+
 def default_param_groups(model: torch.nn.Module, cfg: PretrainConfig) -> list[dict[str, Any]]:
     """No weight decay on norms and biases (1-D tensors), as in GPT-3 / Llama; frozen tensors left out."""
     trainable = [p for p in model.parameters() if p.requires_grad]
     decay, no_decay = group_hparams(cfg)
     return [
-        {"params": [p for p in trainable if p.ndim >= 2], **decay},
-        {"params": [p for p in trainable if p.ndim < 2], **no_decay},
+        {"params": [p for p in trainable if param_ndim(p) >= 2], **decay},
+        {"params": [p for p in trainable if param_ndim(p) < 2], **no_decay},
     ]
 
 

@@ -11,7 +11,7 @@ Also here: exact parameter counts (closed form and counted), FLOPs per token, an
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM, PretrainedConfig
@@ -126,6 +126,96 @@ def build_model(
     as_dtype = contextlib.nullcontext() if dtype == torch.get_default_dtype() else _default_dtype(dtype)
     with on_device, as_dtype:
         return cls(conf)
+
+
+@contextlib.contextmanager
+def _init_weights_under_zero3() -> Iterator[None]:
+    """transformers' ``post_init`` weight init, made to work on ZeRO-3's partitioned parameters.
+
+    Each sub-model's ``post_init`` runs its init when its own construction ends (so ``LlamaModel``'s
+    weights are drawn before ``lm_head`` is even built); doing the same, at the same moments,
+    draws the same random numbers as a plain build. Rank 0 draws them on each gathered module
+    (transformers' ZeRO-3 init) and then hands its RNG state to every rank, so all ranks construct
+    the next modules from the same state, exactly as in a plain build on every rank.
+    """
+    import torch.distributed as dist
+    from transformers.integrations.deepspeed import initialize_weights_zero3
+    from transformers.modeling_utils import PreTrainedModel
+
+    def init_weights(self) -> None:
+        initialize_weights_zero3(self)
+        self.tie_weights(recompute_mapping=False)
+        cuda = torch.cuda.is_available()
+        state = [torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None]
+        dist.broadcast_object_list(state, src=0)
+        torch.set_rng_state(state[0])
+        if cuda:
+            torch.cuda.set_rng_state(state[1])
+
+    original = PreTrainedModel.init_weights
+    PreTrainedModel.init_weights = init_weights
+    try:
+        yield
+    finally:
+        PreTrainedModel.init_weights = original
+
+
+def build_model_partitioned(cfg: ModelConfig, vocab_size: int, ds_config: dict, **ids: int | None) -> torch.nn.Module:
+    """ZeRO-3: the model built inside ``deepspeed.zero.Init``; each rank keeps only its partition.
+
+    Every module is created whole, initialised and partitioned right away, so a rank never holds the
+    whole model. On CPU the weights and the RNG state afterwards equal ``build_model``'s for the same
+    seed (tested), so ZeRO-3 starts where the other stages do; on a GPU the modules are created on the
+    device and drawn from its generator, so the initial values differ from the other stages'.
+    """
+    conf = hf_config(cfg, vocab_size, **ids)
+    cls = LlamaForCausalLM if cfg.kind == "causal" else BertForMaskedLM
+    with partitioned_construction(ds_config):
+        return cls(conf)
+
+
+@contextlib.contextmanager
+def partitioned_construction(ds_config: dict) -> Iterator[None]:
+    """Modules created inside are ZeRO-3 partitioned at once, with the weights a plain build would get."""
+    import deepspeed
+    from transformers.integrations.deepspeed import prevent_arange_dtype_change
+
+    # DeepSpeed's default placement, as transformers uses it: on a GPU the modules are created there
+    # and drawn from the GPU's generator (the same distribution as build_model's CPU draws, other values)
+    with _init_weights_under_zero3(), prevent_arange_dtype_change(), \
+            deepspeed.zero.Init(config_dict_or_path=ds_config):
+        yield
+
+
+def load_partitioned(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """``load_state_dict(weights, strict=False)`` for a module built by ``partitioned_construction``.
+
+    One parameter at a time is gathered, filled on rank 0 (the only rank that reads ``weights[name]``
+    for a parameter, so ``weights`` may be lazy) and partitioned again. Returns (missing, unexpected).
+    """
+    import deepspeed
+    import torch.distributed as dist
+
+    from pretrain.checkpoint import CheckpointError
+
+    targets = module.state_dict(keep_vars=True)  # names → parameters/persistent buffers (tied ones twice)
+    shapes = getattr(weights, "shapes", None) or {k: tuple(v.shape) for k, v in weights.items()}
+    for name, t in targets.items():  # on every rank, before any collective
+        want = tuple(getattr(t, "ds_shape", t.shape))
+        if name in shapes and tuple(shapes[name]) != want:
+            raise CheckpointError(f"{name}: the checkpoint holds shape {tuple(shapes[name])}, the model {want}")
+    rank0 = dist.get_rank() == 0
+    with torch.no_grad():
+        for name, t in targets.items():
+            if name not in shapes:
+                continue
+            if hasattr(t, "ds_id"):
+                with deepspeed.zero.GatheredParameters([t], modifier_rank=0):
+                    if rank0:
+                        t.data.copy_(weights[name])
+            else:  # buffers are not partitioned: every rank loads them
+                t.data.copy_(weights[name])
+    return [k for k in targets if k not in shapes], [k for k in shapes if k not in targets]
 
 
 def count_params(model: torch.nn.Module) -> int:

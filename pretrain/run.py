@@ -18,7 +18,15 @@ from pretrain.checkpoint import Checkpointer, resolve_resume, restore
 from pretrain.cli import shard_tokenizer
 from pretrain.config import PretrainConfig
 from pretrain.dist import DistInfo, init_distributed, shutdown
-from pretrain.engine import batch_plan, build_engine, resolve_precision
+from pretrain.engine import (
+    batch_plan,
+    build_engine,
+    builds_partitioned,
+    ds_config,
+    offload_summary,
+    param_numel,
+    resolve_precision,
+)
 from pretrain.trainer import Callback, Trainer, TrainState
 
 
@@ -73,7 +81,7 @@ def _lock_run_dir(run_dir: Path) -> None:
 
 def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] | None = None) -> Trainer:
     """Everything a run needs, ready for ``fit()`` (checkpoint restore hooks in before fit)."""
-    from pretrain.model import build_model, flops_per_token
+    from pretrain.model import build_model, build_model_partitioned, flops_per_token
 
     cfg.precision = resolve_precision(cfg.precision)  # before config.yaml and checkpoints record it
     tok = shard_tokenizer(cfg)
@@ -82,10 +90,15 @@ def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] |
     target = resolve_resume(cfg, info.world_size)  # first: a resume keeps the checkpoint's global batch
     plan = batch_plan(cfg, info.world_size)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
-    # The full model is built on every rank and partitioned by deepspeed.initialize, so every ZeRO
-    # stage starts from the same weights (zero.Init would partition at construction, with another init).
-    model = build_model(cfg.model, tok.vocab_size, bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"],
-                        mask_id=ids.get("mask"))
+    # Every ZeRO stage starts from the same weights; ZeRO-3 builds the model already partitioned.
+    model_ids = dict(bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], mask_id=ids.get("mask"))
+    if builds_partitioned(cfg):
+        conf = ds_config(cfg, plan, load_universal=bool(target and target.universal))
+        model = build_model_partitioned(cfg.model, tok.vocab_size, conf, **model_ids)
+    else:
+        model = build_model(cfg.model, tok.vocab_size, **model_ids)
+    # read from the parameters themselves: were they partitioned before the engine saw them?
+    built = " (built partitioned)" if all(hasattr(p, "ds_id") for p in model.parameters()) else ""
     engine = build_engine(model, cfg, plan, load_universal=bool(target and target.universal))
     loader = ShardLoader(
         cfg.data.shards, cfg.data.seq_len, plan.micro_batch_per_rank, seed=cfg.data.seed, rank=info.rank,
@@ -97,10 +110,12 @@ def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] |
     log_dir = str(run_dir / "tensorboard") if cfg.metrics.tensorboard else None
     callbacks: list[Callback] = [Checkpointer(cfg), MetricsLogger(log_dir, fpt, peak, source), ProgressBar(cfg.train.progress)]
     callbacks += extra_callbacks or []
+    n_params = sum(param_numel(p) for p in model.parameters())
     print0(
-        f"run {run_dir}: {cfg.model.kind} model, {sum(p.numel() for p in model.parameters()):,} params (rank-local view), "
-        f"{info.world_size} rank(s), ZeRO-{cfg.zero.stage}, {cfg.precision}, global batch {plan.global_batch} x "
+        f"run {run_dir}: {cfg.model.kind} model, {n_params:,} params, "
+        f"{info.world_size} rank(s), ZeRO-{cfg.zero.stage}{built}, {cfg.precision}, global batch {plan.global_batch} x "
         f"{plan.seq_len} tokens (micro {plan.micro_batch_per_rank} x accum {plan.grad_accum_steps} x {plan.dp_world} ranks)"
+        + (f", offload: {off}" if (off := offload_summary(engine)) else "")
     )
     trainer = Trainer(cfg, engine, loader, info, plan, ids, callbacks, tokenizer_sha256=tok.fingerprint)
     if target is not None:

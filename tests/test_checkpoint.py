@@ -38,11 +38,15 @@ def _weights(run_dir, step: int | None = None) -> dict[str, torch.Tensor]:
     return fp32_state_dict(d)
 
 
-@pytest.mark.parametrize("stage, precision", [(2, "bf16"), (3, "fp32")])
-def test_resume_is_exact_at_the_same_world_size(tmp_path, shards_dir, stage, precision):
-    common = [f"--zero.stage={stage}", f"--precision={precision}", "--train.max_steps=10", "--train.micro_batch_size=2"]
+@pytest.mark.parametrize("stage, precision, offload", [(2, "bf16", ("--zero.offload_optimizer=true",)), (3, "fp32", ())],
+                         ids=["zero2-bf16-offload", "zero3-fp32"])
+def test_resume_is_exact_at_the_same_world_size(tmp_path, shards_dir, stage, precision, offload):
+    common = [f"--zero.stage={stage}", f"--precision={precision}", "--train.max_steps=10", "--train.micro_batch_size=2",
+              *offload]
     straight, split = tmp_path / "straight", tmp_path / "split"
-    run_stage("pretrain", _args(straight, shards_dir, *common), nproc=2)
+    proc = run_stage("pretrain", _args(straight, shards_dir, *common), nproc=2)
+    if offload:  # the engine really holds the optimizer states in host memory (read from DeepSpeed)
+        assert "offload: optimizer states → cpu (AdamW)" in proc.stdout
     first = run_stage("pretrain", _args(split, shards_dir, *common, "--train.exit_interval=5"), nproc=2)
     assert "checkpoint step_00000005 saved (exit_interval" in first.stdout
     second = run_stage("pretrain", _args(split, shards_dir, *common), nproc=2)

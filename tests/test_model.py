@@ -203,3 +203,27 @@ def test_zero_memory_matches_deepspeed_estimators(world):
     assert (ds3 - gather) / ours3["total"] == pytest.approx(18 / 16, rel=1e-6)
     if world == 64:  # the real thing: Llama-2-7B on 64 GPUs fits ZeRO-3 in ~1.7 GiB of model states
         assert ours3["total"] / GiB == pytest.approx(16 * n / 64 / GiB)
+
+
+def test_zero3_partitioned_build_equals_the_whole_build():
+    """ZeRO-3 builds the model inside zero.Init: each rank holds half, and the gathered weights and the
+    RNG state afterwards equal a whole build with the same seed (so every stage starts alike)."""
+    import json
+    import subprocess
+    import sys
+
+    from conftest import REPO, _free_port, stage_env
+
+    specs = ["causal:fp32:untied", "causal:bf16:tied", "masked:fp32:tied"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
+           str(REPO / "tests" / "zero_init_check.py"), *specs]
+    proc = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(rows) == 2 * len(specs)
+    for r in rows:
+        assert r["differ"] == [], r
+        assert r["rng_equal"], r
+        assert r["full"] == r["whole"], r  # ds_numel counts the real sizes
+        assert r["local"] <= r["full"] / 2 + 4096, r  # each rank keeps its half (plus alignment padding)
+        assert r["dtype"] == ("torch.bfloat16" if r["precision"] == "bf16" else "torch.float32"), r

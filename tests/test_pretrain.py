@@ -28,9 +28,21 @@ def zero_runs(tmp_path_factory, shards_dir):
     for precision in ("fp32", "bf16"):
         for stage in (0, 1, 2, 3):
             rd = tmp_path_factory.mktemp(f"z{stage}{precision}")
-            run_stage("pretrain", _args(rd, shards_dir, "--train.max_steps=10", f"--zero.stage={stage}",
-                                        f"--precision={precision}", "--train.micro_batch_size=4"), nproc=2)
+            # ZeRO-3 builds the model already partitioned (zero.Init), and still starts from the same weights
+            # (on CPU only when asked: the default builds it whole there, as the offload run below does)
+            proc = run_stage("pretrain", _args(rd, shards_dir, "--train.max_steps=10", f"--zero.stage={stage}",
+                                               f"--precision={precision}", "--train.micro_batch_size=4",
+                                               "--zero.partitioned_init=true"), nproc=2)
+            assert ("ZeRO-3 (built partitioned)," in proc.stdout) == (stage == 3)
             runs[stage, precision] = rd
+    # ZeRO-Infinity style: parameters and optimizer states in host memory, the same arithmetic
+    rd = tmp_path_factory.mktemp("z3offload")
+    proc = run_stage("pretrain", _args(rd, shards_dir, "--train.max_steps=10", "--zero.stage=3", "--precision=bf16",
+                                       "--train.micro_batch_size=4", "--zero.offload_optimizer=true",
+                                       "--zero.offload_param=true"), nproc=2)
+    assert "offload: optimizer states → cpu (AdamW), parameters → cpu" in proc.stdout
+    assert "ZeRO-3, bf16" in proc.stdout  # built whole: the default on DeepSpeed's CPU accelerator
+    runs["3+offload", "bf16"] = rd
     return runs
 
 
