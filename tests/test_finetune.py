@@ -94,12 +94,12 @@ def test_restored_backbone_equals_the_2rank_zero3_checkpoint(tmp_path, causal_ze
 
 
 def test_classification_from_zero3_checkpoint_frozen_backbone_is_bit_identical(tmp_path, causal_zero3):
-    """2-rank ZeRO-3 pretrain → 1-process fine-tune of the head only: the exported backbone is exactly
-    the pretrained one, the head learned something."""
+    """2-rank ZeRO-3 pretrain → 1-process fine-tune of the head only, the task model built partitioned
+    (zero.Init) and the weights copied in: the exported backbone is exactly the pretrained one."""
     train, test = fd.classification(tmp_path / "train.csv", 200, 1), fd.classification(tmp_path / "test.csv", 80, 2)
     run = tmp_path / "head_only"
     _finetune("classify", run, causal_zero3 / "checkpoints" / "step_00000020", train, test,
-              "--transfer.freeze_backbone=true", "--train.max_steps=10", "--zero.stage=3")
+              "--transfer.freeze_backbone=true", "--train.max_steps=10", "--zero.stage=3", "--zero.partitioned_init=true")
     exported = _safetensors(run / "export")
     pre = _pretrained_weights(causal_zero3)
     for k, v in pre.items():
@@ -112,7 +112,7 @@ def test_classification_from_zero3_checkpoint_frozen_backbone_is_bit_identical(t
 def test_zero3_partitioned_build_trains_exactly_like_the_whole_build(tmp_path, masked_run):
     """2-rank ZeRO-3 fine-tune with the task model built partitioned (default) and built whole on every
     rank: the same weights go in, so the same losses come out, with the aux MLM head and per-layer groups.
-    (The causal partitioned load is checked bit for bit by the frozen-backbone ZeRO-3 test above.)"""
+    (The causal partitioned load is checked bit for bit by the frozen-backbone ZeRO-3 test.)"""
     train = fd.classification(tmp_path / "train.csv", 120, 1)
     src = masked_run
     common = ["--zero.stage=3", "--train.max_steps=6", "--train.log_every=1", "--train.micro_batch_size=4",

@@ -23,10 +23,11 @@ def _losses(run_dir) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def zero_runs(tmp_path_factory, shards_dir):
-    """10 steps of the tiny model on 2 ranks for every ZeRO stage x {fp32, bf16}."""
+    """10 steps of the tiny model on 2 ranks for every ZeRO stage x {fp32, bf16} (but ZeRO-1 bf16: the
+    same optimizer class as ZeRO-2, left out for the suite's time budget), and one with full offload."""
     runs = {}
     for precision in ("fp32", "bf16"):
-        for stage in (0, 1, 2, 3):
+        for stage in (0, 1, 2, 3) if precision == "fp32" else (0, 2, 3):
             rd = tmp_path_factory.mktemp(f"z{stage}{precision}")
             # ZeRO-3 builds the model already partitioned (zero.Init), and still starts from the same weights
             # (on CPU only when asked: the default builds it whole there, as the offload run below does)
