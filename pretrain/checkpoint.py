@@ -298,6 +298,7 @@ def restore(trainer, target: ResumeTarget) -> None:
     )
     if load_path is None:
         raise CheckpointError(f"DeepSpeed could not load {target.step_dir}; its files may be damaged")
+    unshare_optimizer_steps(trainer.engine)
     reapply_group_hparams(trainer.engine, cfg)
     trainer.load_state_dict(state, allow_data_change=cfg.resume.allow_data_change)
     rng_file = target.step_dir / f"rng_rank{info.rank:05d}.pt"
@@ -310,6 +311,27 @@ def restore(trainer, target: ResumeTarget) -> None:
         torch.manual_seed(seed)
     how = f" (universal: {state['world_size']} → {info.world_size} ranks)" if target.universal else ""
     print0(f"resumed from {target.step_dir} at step {trainer.state.step}, {trainer.state.tokens_seen:,} tokens{how}")
+
+
+def unshare_optimizer_steps(engine) -> int:
+    """Give every optimizer state its own ``step`` tensor; returns how many were shared.
+
+    DeepSpeed's ZeRO-3 universal load (0.19) puts one ``step`` tensor into the state of every
+    parameter group. torch's AdamW increments it in place once per group, so after a world-size
+    change the step count ran ahead by the number of groups per update and Adam's bias correction
+    was wrong (the losses drifted ~1e-3 from the uninterrupted run's).
+    """
+    opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    seen: set[int] = set()
+    shared = 0
+    for state in getattr(opt, "state", {}).values():
+        step = state.get("step")
+        if torch.is_tensor(step):
+            if id(step) in seen:
+                state["step"] = step.clone()
+                shared += 1
+            seen.add(id(step))
+    return shared
 
 
 # ---------------------------------------------------------------- when to save
