@@ -205,7 +205,7 @@ def test_zero_memory_matches_deepspeed_estimators(world):
         assert ours3["total"] / GiB == pytest.approx(16 * n / 64 / GiB)
 
 
-def test_zero3_partitioned_build_equals_the_whole_build():
+def test_zero3_partitioned_build_equals_the_whole_build(tmp_path):
     """ZeRO-3 builds the model inside zero.Init: each rank holds half, and the gathered weights and the
     RNG state afterwards equal a whole build with the same seed (so every stage starts alike)."""
     import json
@@ -214,14 +214,18 @@ def test_zero3_partitioned_build_equals_the_whole_build():
 
     from conftest import REPO, _free_port, stage_env
 
-    specs = ["causal:fp32:untied", "causal:bf16:tied", "masked:fp32:tied"]
+    backbone = tmp_path / "backbone"
+    specs = ["causal:fp32:untied", "causal:bf16:tied", "masked:fp32:tied", f"finetune:sft:{backbone}",
+             f"finetune:classify-aux:{backbone}"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_free_port()),
            str(REPO / "tests" / "zero_init_check.py"), *specs]
     proc = subprocess.run(cmd, cwd=REPO, env=stage_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(rows) == 2 * len(specs)
-    for r in rows:
+    for r in [r for r in rows if "task" in r]:  # fine-tuning: pretrained weights copied in, heads initialised
+        assert r["differ"] == [] and r["partitioned"] and r["n"] > 10, r
+    for r in [r for r in rows if "task" not in r]:
         assert r["differ"] == [], r
         assert r["rng_equal"], r
         assert r["full"] == r["whole"], r  # ds_numel counts the real sizes

@@ -51,12 +51,49 @@ def check(kind: str, precision: str, tied: bool) -> dict:
     }
 
 
+def check_finetune(task_name: str, hf_dir: str) -> dict:
+    """A fine-tune task model built partitioned (pretrained weights copied in from rank 0) against the
+    plain build: an untied causal backbone, so the aux LM head loads its own ``lm_head.`` weights."""
+    from pathlib import Path
+
+    from finetune.config import FinetuneConfig
+    from finetune.model import Backbone, build_module
+    from finetune.tasks import TASK_CLASSES, Vocab
+    from lmforge.config import from_dict
+
+    model = ModelConfig(hidden_size=64, num_layers=2, num_heads=4, max_seq_len=64, tie_embeddings=False)
+    if dist.get_rank() == 0 and not (Path(hf_dir) / "config.json").is_file():
+        torch.manual_seed(5)
+        build_model(model, 1000).save_pretrained(hf_dir)  # the "pretrained" backbone
+    dist.barrier()
+    typ = "sft" if task_name == "sft" else "sequence_classification"
+    cfg = from_dict(FinetuneConfig, {"init_from": hf_dir, "data": {"train": "x"}, "task": {"type": typ},
+                                     "zero": {"stage": 3}, "precision": "fp32", "transfer": {"aux_lm_weight": 0.3 if typ != "sft" else 0.0}})
+    task = TASK_CLASSES[typ](cfg, None, Vocab(1, 2, 3), "causal")
+    task.labels = ["a", "b"] if typ != "sft" else []
+    backbone = Backbone(Path(hf_dir), model, {})
+    conf = ds_config(cfg, plan_batches(2, None, dist.get_world_size(), 64))
+    conf["zero_optimization"]["stage3_param_persistence_threshold"] = 0
+    torch.manual_seed(3)
+    whole = dict(build_module(cfg, task, backbone).named_parameters())
+    torch.manual_seed(3)
+    part = build_module(cfg, task, backbone, conf)
+    differ = []
+    for name, p in part.named_parameters():
+        with deepspeed.zero.GatheredParameters([p]):
+            if not torch.equal(p.data, whole[name].data.to(p.dtype)):
+                differ.append(name)
+    return {"rank": dist.get_rank(), "task": task_name, "differ": differ, "n": len(whole),
+            "partitioned": all(hasattr(p, "ds_id") for p in part.parameters())}
+
+
 def main() -> None:
     init_distributed()
     for spec in sys.argv[1:]:
         kind, precision, tied = spec.split(":")
         rows = [None] * dist.get_world_size()
-        dist.all_gather_object(rows, check(kind, precision, tied == "tied"))
+        row = check_finetune(precision, tied) if kind == "finetune" else check(kind, precision, tied == "tied")
+        dist.all_gather_object(rows, row)
         if dist.get_rank() == 0:  # one writer: the ranks' lines would interleave
             for row in rows:
                 print(json.dumps(row), flush=True)
