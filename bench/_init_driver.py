@@ -2,7 +2,7 @@
 
 ``python -m bench._init_driver PRESET MODE`` with MODE ``none`` (imports only), ``whole``
 (``build_model`` on every rank) or ``partitioned`` (``build_model_partitioned``, ZeRO-3 zero.Init).
-Rank 0 prints one JSON line: build seconds and each rank's resident set after the build.
+Rank 0 prints one JSON line: the parameter count and the build seconds (the caller measures RSS).
 """
 
 from __future__ import annotations

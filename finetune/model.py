@@ -109,12 +109,8 @@ def model_config_from_hf(hf_dir: Path) -> ModelConfig:
 
 
 def load_hf_weights(hf_dir: Path) -> dict[str, torch.Tensor]:
-    from safetensors.torch import load_file
-
-    sd: dict[str, torch.Tensor] = {}
-    for f in sorted(hf_dir.glob("*.safetensors")):
-        sd.update(load_file(str(f)))
-    return sd
+    """Every tensor of a Hugging Face directory, read now."""
+    return dict(HFWeights(hf_dir))
 
 
 # ---------------------------------------------------------------- the task model
@@ -231,7 +227,7 @@ class HFWeights(Mapping[str, torch.Tensor]):
     """The tensors of a Hugging Face directory's ``*.safetensors``, read one at a time when asked for;
     names (less ``prefix``) and shapes are known without reading any. Under ZeRO-3 only rank 0 reads."""
 
-    def __init__(self, hf_dir: Path, prefix: str = ""):
+    def __init__(self, hf_dir: Path):
         from safetensors import safe_open
 
         self._where: dict[str, tuple[str, str]] = {}
@@ -239,9 +235,15 @@ class HFWeights(Mapping[str, torch.Tensor]):
         for f in sorted(Path(hf_dir).glob("*.safetensors")):
             with safe_open(str(f), "pt") as h:
                 for key in h.keys():
-                    if key.startswith(prefix):
-                        self._where[key[len(prefix):]] = (str(f), key)
-                        self.shapes[key[len(prefix):]] = tuple(h.get_slice(key).get_shape())
+                    self._where[key] = (str(f), key)
+                    self.shapes[key] = tuple(h.get_slice(key).get_shape())
+
+    def under(self, prefix: str) -> HFWeights:
+        """The tensors whose names start with ``prefix``, named without it (no file is read)."""
+        view = object.__new__(HFWeights)
+        view._where = {k[len(prefix):]: v for k, v in self._where.items() if k.startswith(prefix)}
+        view.shapes = {k[len(prefix):]: v for k, v in self.shapes.items() if k.startswith(prefix)}
+        return view
 
     def __getitem__(self, name: str) -> torch.Tensor:
         from safetensors import safe_open
@@ -281,51 +283,29 @@ def build_module(cfg: FinetuneConfig, task: Task, backbone: Backbone, ds_config:
         tm = cls(conf)
     weights = HFWeights(backbone.hf_dir)
     if not cfg.transfer.random_init:
-        _load_backbone(tm, task, kind, backbone.hf_dir, partitioned=ds_config is not None)
+        _load_backbone(tm, task, kind, weights, backbone.hf_dir)
     lm_head = None
     if cfg.transfer.aux_lm_weight:
         with construct():
             lm_head = _new_lm_head(kind, conf)
-        _fill_lm_head(lm_head, tm, kind, conf, weights, cfg, backbone.hf_dir, partitioned=ds_config is not None)
+        _fill_lm_head(lm_head, tm, kind, conf, weights, cfg)
     module = FinetuneModule(task, tm, kind, cfg.transfer.aux_lm_weight, lm_head)
     apply_freezing(module, cfg)
     return module
 
 
-def _load_into(module: nn.Module, weights: Mapping[str, torch.Tensor], partitioned: bool) -> tuple[list[str], list[str]]:
-    if partitioned:
-        from pretrain.model import load_partitioned
+def _load_backbone(tm: nn.Module, task: Task, kind: str, weights: HFWeights, where: Path) -> None:
+    from pretrain.export import load_weights
+    from pretrain.model import load_state
 
-        return load_partitioned(module, weights)
-    missing, unexpected = module.load_state_dict(dict(weights), strict=False)
-    return list(missing), list(unexpected)
-
-
-def _load_backbone(tm: nn.Module, task: Task, kind: str, where: Path, partitioned: bool) -> None:
     if task.name == "sft":
-        from pretrain.export import load_weights
-
-        if not partitioned:
-            load_weights(tm, load_hf_weights(where), where)
-            return
-        missing, unexpected = _load_into(tm, HFWeights(where), partitioned)
-        really_missing = [k for k in missing if k not in _tied_keys(tm)]
-        if really_missing or unexpected:
-            raise CheckpointError(f"{where}: weights do not match the model (missing {really_missing[:3]}, "
-                                  f"unexpected {unexpected[:3]})")
-        tm.tie_weights()
+        load_weights(tm, weights, where)
         return
-    prefix = "model." if kind == "causal" else "bert."
-    missing, unexpected = _load_into(base_of(tm), HFWeights(where, prefix), partitioned)
+    missing, unexpected = load_state(base_of(tm), weights.under("model." if kind == "causal" else "bert."))
     missing = [k for k in missing if not k.startswith("pooler.")]  # BERT's pooler is part of the new head
     if missing or unexpected:
         raise CheckpointError(f"{where}: backbone weights do not fit the {type(tm).__name__} "
                               f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
-
-
-def _tied_keys(model: nn.Module) -> set[str]:
-    tied = getattr(model, "_tied_weights_keys", None) or []
-    return set(tied)
 
 
 def _new_lm_head(kind: str, conf) -> nn.Module:
@@ -336,18 +316,19 @@ def _new_lm_head(kind: str, conf) -> nn.Module:
     return BertOnlyMLMHead(conf)
 
 
-def _fill_lm_head(head: nn.Module, tm: nn.Module, kind: str, conf, weights: HFWeights, cfg: FinetuneConfig,
-                  where: Path, partitioned: bool) -> None:
+def _fill_lm_head(head: nn.Module, tm: nn.Module, kind: str, conf, weights: HFWeights, cfg: FinetuneConfig) -> None:
     """The pretrained LM head (tied to the input embeddings where the backbone ties them)."""
+    from pretrain.model import load_state
+
     base = base_of(tm)
     if kind == "causal":
         if getattr(conf, "tie_word_embeddings", False) or "lm_head.weight" not in weights:
             head.weight = base.embed_tokens.weight
         elif not cfg.transfer.random_init:
-            _load_into(head, HFWeights(where, "lm_head."), partitioned)  # its "weight"
+            load_state(head, weights.under("lm_head."))  # its "weight"
         return
     if not cfg.transfer.random_init:
-        missing, _ = _load_into(head, HFWeights(where, "cls."), partitioned)
+        missing, _ = load_state(head, weights.under("cls."))
         if [k for k in missing if k not in ("predictions.decoder.weight", "predictions.decoder.bias")]:
             raise CheckpointError(f"the backbone has no complete MLM head for aux_lm_weight (missing {missing[:3]})")
     head.predictions.decoder.weight = base.embeddings.word_embeddings.weight  # tied, as in BertForMaskedLM

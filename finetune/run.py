@@ -55,6 +55,7 @@ from pretrain.engine import (
     reapply_group_hparams,
     resolve_precision,
 )
+from pretrain.model import is_partitioned
 from pretrain.run import _lock_run_dir, seed_everything
 
 METRICS = "metrics.json"
@@ -118,8 +119,7 @@ def build(cfg: FinetuneConfig, info: DistInfo) -> FinetuneTrainer:
     module = build_module(cfg, task, backbone, conf)
     n_total = sum(param_numel(p) for p in module.parameters())
     n_train_params = sum(param_numel(p) for p in module.parameters() if p.requires_grad)
-    # read from the parameters themselves: were they partitioned before the engine saw them?
-    built = " (built partitioned)" if all(hasattr(p, "ds_id") for p in module.parameters()) else ""
+    built = " (built partitioned)" if is_partitioned(module) else ""  # read from the parameters, before the engine
     engine = build_engine(module, cfg, plan, load_universal=bool(target and target.universal),
                           param_groups=param_groups(module, cfg))
     loader = TaskLoader(splits["train"][1], plan.micro_batch_per_rank, plan.grad_accum_steps, info.rank,

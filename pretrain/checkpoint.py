@@ -313,8 +313,8 @@ def restore(trainer, target: ResumeTarget) -> None:
     print0(f"resumed from {target.step_dir} at step {trainer.state.step}, {trainer.state.tokens_seen:,} tokens{how}")
 
 
-def unshare_optimizer_steps(engine) -> int:
-    """Give every optimizer state its own ``step`` tensor; returns how many were shared.
+def unshare_optimizer_steps(engine) -> None:
+    """Give every optimizer state its own ``step`` tensor.
 
     DeepSpeed's ZeRO-3 universal load (0.19) puts one ``step`` tensor into the state of every
     parameter group. torch's AdamW increments it in place once per group, so after a world-size
@@ -323,15 +323,12 @@ def unshare_optimizer_steps(engine) -> int:
     """
     opt = getattr(engine.optimizer, "optimizer", engine.optimizer)
     seen: set[int] = set()
-    shared = 0
     for state in getattr(opt, "state", {}).values():
         step = state.get("step")
         if torch.is_tensor(step):
             if id(step) in seen:
                 state["step"] = step.clone()
-                shared += 1
             seen.add(id(step))
-    return shared
 
 
 # ---------------------------------------------------------------- when to save

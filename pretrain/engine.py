@@ -124,18 +124,20 @@ def builds_partitioned(cfg: PretrainConfig) -> bool:
         return False
     if cfg.zero.partitioned_init is not None:
         return cfg.zero.partitioned_init
+    return not _cpu_accelerator()
+
+
+def _cpu_accelerator() -> bool:
     from deepspeed.accelerator import get_accelerator
 
-    return get_accelerator().device_name() != "cpu"
+    return get_accelerator().device_name() == "cpu"
 
 
 def _torch_adam(cfg: PretrainConfig) -> bool:
     """torch's AdamW needs no JIT-compiled op. Offloading from a GPU uses DeepSpeedCPUAdam (a C++ op
     built on first use, much faster than torch's AdamW on host memory); on DeepSpeed's CPU accelerator
     everything is in host memory already and torch's AdamW is used, so nothing is compiled."""
-    from deepspeed.accelerator import get_accelerator
-
-    return not cfg.zero.offload_optimizer or get_accelerator().device_name() == "cpu"
+    return not cfg.zero.offload_optimizer or _cpu_accelerator()
 
 
 def offload_summary(engine) -> str:

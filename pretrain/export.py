@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import shutil
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -62,12 +62,14 @@ def build_hf_model(run_dir: Path, state: dict, cfg: PretrainConfig):
     return model, tok
 
 
-def load_weights(model: torch.nn.Module, sd: dict[str, torch.Tensor], where: Path) -> None:
-    """Strict load, except for keys that are tied to a loaded one (e.g. lm_head = embeddings)."""
-    missing, unexpected = model.load_state_dict(sd, strict=False)
-    tied = set(getattr(model, "_tied_weights_keys", None) or [])
-    if isinstance(getattr(model, "_tied_weights_keys", None), dict):
-        tied = set(model._tied_weights_keys)
+def load_weights(model: torch.nn.Module, sd: Mapping[str, torch.Tensor], where: Path) -> None:
+    """Strict load, except for keys that are tied to a loaded one (e.g. lm_head = embeddings).
+
+    ``model`` may be whole or built partitioned for ZeRO-3 (``pretrain.model.load_state``)."""
+    from pretrain.model import load_state
+
+    missing, unexpected = load_state(model, sd)
+    tied = set(getattr(model, "_tied_weights_keys", None) or [])  # a list, or a dict keyed by the tied names
     really_missing = [k for k in missing if k not in tied]
     if really_missing or unexpected:
         raise CheckpointError(

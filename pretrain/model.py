@@ -187,6 +187,19 @@ def partitioned_construction(ds_config: dict) -> Iterator[None]:
         yield
 
 
+def is_partitioned(module: torch.nn.Module) -> bool:
+    """Whether the module's parameters are ZeRO-3 parameters already (built by ``partitioned_construction``)."""
+    return any(hasattr(p, "ds_id") for p in module.parameters())
+
+
+def load_state(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
+    """``load_state_dict(weights, strict=False)`` for a whole or a partitioned module: (missing, unexpected)."""
+    if is_partitioned(module):
+        return load_partitioned(module, weights)
+    missing, unexpected = module.load_state_dict(dict(weights), strict=False)
+    return list(missing), list(unexpected)
+
+
 def load_partitioned(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
     """``load_state_dict(weights, strict=False)`` for a module built by ``partitioned_construction``.
 

@@ -81,7 +81,7 @@ def _lock_run_dir(run_dir: Path) -> None:
 
 def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] | None = None) -> Trainer:
     """Everything a run needs, ready for ``fit()`` (checkpoint restore hooks in before fit)."""
-    from pretrain.model import build_model, build_model_partitioned, flops_per_token
+    from pretrain.model import build_model, build_model_partitioned, flops_per_token, is_partitioned
 
     cfg.precision = resolve_precision(cfg.precision)  # before config.yaml and checkpoints record it
     tok = shard_tokenizer(cfg)
@@ -97,8 +97,7 @@ def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] |
         model = build_model_partitioned(cfg.model, tok.vocab_size, conf, **model_ids)
     else:
         model = build_model(cfg.model, tok.vocab_size, **model_ids)
-    # read from the parameters themselves: were they partitioned before the engine saw them?
-    built = " (built partitioned)" if all(hasattr(p, "ds_id") for p in model.parameters()) else ""
+    built = " (built partitioned)" if is_partitioned(model) else ""  # read from the parameters, before the engine
     engine = build_engine(model, cfg, plan, load_universal=bool(target and target.universal))
     loader = ShardLoader(
         cfg.data.shards, cfg.data.seq_len, plan.micro_batch_per_rank, seed=cfg.data.seed, rank=info.rank,
