@@ -6,7 +6,8 @@
 #   slurm/local_cluster.sh stop   [--dir DIR]            # cancels all jobs, stops the daemons by PID
 #   slurm/local_cluster.sh status [--dir DIR]            # exit 0 when up, 3 when down
 #   slurm/local_cluster.sh env    [--dir DIR]            # only the `export ...` lines, for eval
-# DIR: $LMFORGE_SLURM_DIR, else <repo>/.cache/slurm. Installs Debian's slurmctld slurmd slurm-client
+# DIR: $LMFORGE_SLURM_DIR, else <repo>/.cache/slurm (/tmp/lmforge-slurm-UID-N when the checkout's
+# folders are private: munged must reach its socket). Installs Debian's slurmctld slurmd slurm-client
 # munge when missing (as root). No slurmdbd, so no real sacct: put the stand-in slurm/sacct first on PATH.
 set -euo pipefail
 
@@ -16,7 +17,13 @@ export PATH=$PATH:/usr/sbin:/sbin                       # the daemons live in sb
 usage() { sed -n '5,8p' "$0" | sed 's/^#  //' >&2; exit 2; }
 
 CMD=${1:-}; [ $# -gt 0 ] && shift
-DIR=${LMFORGE_SLURM_DIR:-$REPO/.cache/slurm}; CLEAN=0
+# munged needs go+x on every directory above its socket: a checkout under a private folder (a 700
+# home, `mktemp -d`) gets a default under /tmp instead, one per checkout
+others_can_enter() { local p=$1; while p=$(dirname "$p"); [ "$p" != / ]; do
+  [ -n "$(find "$p" -maxdepth 0 -perm -011)" ] || return 1; done; }
+if others_can_enter "$REPO/.cache"; then DEFAULT_DIR=$REPO/.cache/slurm
+else DEFAULT_DIR=/tmp/lmforge-slurm-$(id -u)-$(printf %s "$REPO" | cksum | cut -d' ' -f1); fi
+DIR=${LMFORGE_SLURM_DIR:-$DEFAULT_DIR}; CLEAN=0
 while [ $# -gt 0 ]; do
   case $1 in
     --dir) [ $# -ge 2 ] || usage; DIR=$2; shift 2 ;;
