@@ -18,6 +18,8 @@ BENCHMARKS = [
     "train_throughput",  # pretrain vs limit / peer, MFU, scaling over processes, RSS per ZeRO stage
     "checkpoint",  # save / load / world-size change / export
     "model_init",  # peak RSS per rank while building a model: whole vs ZeRO-3 partitioned
+    "export_memory",  # peak RSS of the HF export: whole model vs streaming, against the bytes written
+    "finetune_memory",  # peak RSS per rank of a 2-rank fine-tune of a ZeRO-3 checkpoint, against the model's bytes
 ]
 
 

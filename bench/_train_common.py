@@ -26,6 +26,7 @@ SCRATCH = CACHE_DIR / "scratch"
 VOCAB = 8192
 SUB_ENV = {
     "DS_ACCELERATOR": "cpu",
+    "LMFORGE_ACCELERATOR": "cpu",  # the CPU benchmarks ask for it by name (pretrain.dist refuses cpu on GPU hosts)
     "OMP_NUM_THREADS": "1",
     "TORCH_EXTENSIONS_DIR": str(REPO / ".cache" / "torch_extensions"),
     "HF_HUB_OFFLINE": "1",

@@ -2,7 +2,9 @@
 classes (the same DeepSpeed engine, checkpoints and TensorBoard logger run both stages).
 
 YAML presets live in ``configs/finetune/``; ``--section.key=value`` overrides any field. The
-backbone's shape (``model``) is not configured here: it comes with ``init_from``.
+backbone's shape (``model``) is not configured here: it comes with ``init_from``. ``zero.stage``
+may be ``auto`` here (the default): it is decided once the backbone's size is known
+(``finetune/estimate.py``), before anything records the config.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Literal
 from lmforge.errors import ConfigError
 from pretrain.config import (
     CheckpointConfig,
+    DistConfig,
     MetricsConfig,
     ModelConfig,
     OptimConfig,
@@ -21,6 +24,16 @@ from pretrain.config import (
 )
 
 TASKS = ("sequence_classification", "token_classification", "question_answering", "sft")
+
+
+@dataclass
+class FinetuneZeroConfig(ZeroConfig):
+    """Pretraining's ZeRO section, with ``stage: auto``: a pretrain recipe names its stage next to its
+    model size, but a fine-tune recipe serves backbones of any size, so its stage follows the backbone."""
+
+    # auto: ZeRO-0 while its model states fit in half of a device's memory, else ZeRO-3 built partitioned
+    # (finetune/estimate.py choose_stage); an integer 0-3 is used as given
+    stage: int | Literal["auto"] = "auto"
 
 
 @dataclass
@@ -96,10 +109,12 @@ class FinetuneConfig:
     transfer: TransferConfig = field(default_factory=TransferConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)  # the fine-tuning defaults are in configs/finetune/_base.yaml
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
-    zero: ZeroConfig = field(default_factory=ZeroConfig)
+    zero: FinetuneZeroConfig = field(default_factory=FinetuneZeroConfig)  # stage resolved at start-up
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    callbacks: list[str] = field(default_factory=list)  # "module:factory" → a pretrain.trainer.Callback (as in pretraining)
     model: ModelConfig = field(default_factory=ModelConfig)  # filled from init_from at start-up; not set by users
 
     def validate(self) -> None:
@@ -108,8 +123,12 @@ class FinetuneConfig:
                               "dir, or an exported Hugging Face dir)")
         if self.data.train is None:
             raise ConfigError("data.train is not set: pass --data.train=FILE")
-        if self.zero.stage not in (0, 1, 2, 3):
-            raise ConfigError(f"zero.stage: expected 0, 1, 2 or 3, got {self.zero.stage}")
+        if self.zero.stage not in (0, 1, 2, 3, "auto"):
+            raise ConfigError(f"zero.stage: expected auto, 0, 1, 2 or 3, got {self.zero.stage}")
+        if self.zero.offload_param and self.zero.stage not in (3, "auto"):
+            raise ConfigError("zero.offload_param needs zero.stage=3 (or auto)")
+        if self.zero.offload_optimizer and self.zero.stage == 0:
+            raise ConfigError("zero.offload_optimizer needs zero.stage >= 1 (or auto)")
         if not 0.0 < self.data.validation_fraction < 1.0:
             raise ConfigError(f"data.validation_fraction: expected a value in (0, 1), got {self.data.validation_fraction}")
         if self.transfer.freeze_layers < 0:

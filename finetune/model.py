@@ -19,7 +19,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -27,9 +26,11 @@ from finetune.config import FinetuneConfig
 from finetune.tasks import IGNORE, Task
 from lmforge.config import load_config
 from lmforge.errors import ConfigError
+from lmforge.io import atomic_write_text
 from lmforge.log import print0
 from pretrain.checkpoint import CKPT, STATE, CheckpointError, is_complete, latest_checkpoint, read_state
 from pretrain.config import ModelConfig, PretrainConfig
+from pretrain.dist import rank0_work
 
 BACKBONE = "backbone"
 SOURCE = "lmforge_source.json"  # in RUN_DIR/backbone: which checkpoint it was made from
@@ -78,16 +79,23 @@ def resolve_backbone(cfg: FinetuneConfig, rank: int) -> Backbone:
     source = {"run_dir": str(pre_run.resolve()), "step": state["step"], "world_size": state["world_size"],
               "zero_stage": state["zero_stage"], "saved_at": state["saved_at"]}
     out = Path(cfg.run_dir) / BACKBONE
-    if rank == 0:
-        done = out / SOURCE
-        if not (done.is_file() and json.loads(done.read_text()) == source):
-            from pretrain.export import export
+    done = out / SOURCE
 
-            print0(f"restoring {step_dir} (ZeRO-{state['zero_stage']}, {state['world_size']} rank(s)) → {out}")
-            export(pre_run, out, step=state["step"])
-            (out / SOURCE).write_text(json.dumps(source, indent=1))
-    if dist.is_initialized():
-        dist.barrier()
+    def export_backbone() -> None:
+        from pretrain.export import export
+
+        print0(f"restoring {step_dir} (ZeRO-{state['zero_stage']}, {state['world_size']} rank(s)) → {out}")
+        export(pre_run, out, step=state["step"], dtype="fp32")  # the fp32 master weights, not a bf16 copy
+        atomic_write_text(done, json.dumps(source, indent=1))  # last: the completion marker
+
+    def exported() -> bool:
+        try:
+            return json.loads(done.read_text()) == source
+        except (OSError, ValueError):
+            return False
+
+    # before the process group exists (finetune.run): a 7B export outlasts any collective timeout
+    rank0_work(f"exporting the backbone {step_dir.name}", export_backbone, exported, cfg.run_dir, rank)
     model = load_config(PretrainConfig, pre_run / "config.yaml").model
     return Backbone(out, model, source)
 

@@ -19,19 +19,19 @@ import time
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from data_pipeline.shards import atomic_write_text
 from data_pipeline.tokenizer import Tokenizer
 from finetune.config import FinetuneConfig
 from finetune.data import split_validation
-from finetune.model import build_module, export_task_model, param_groups, resolve_backbone
+from finetune.model import Backbone, build_module, export_task_model, param_groups, resolve_backbone
 from finetune.tasks import Vocab, make_task
 from finetune.trainer import BestCheckpoint, FinetuneTrainer, TaskLoader
 from lmforge.config import dump_yaml
 from lmforge.errors import ConfigError, DataError
+from lmforge.lock import lock_run_dir
 from lmforge.log import print0
-from pretrain.callbacks import MetricsLogger, ProgressBar, device_peak_flops
+from lmforge.versions import check_versions
+from pretrain.callbacks import MetricsLogger, ProgressBar, device_peak_flops, load_callbacks
 from pretrain.checkpoint import (
     CKPT,
     Checkpointer,
@@ -44,7 +44,7 @@ from pretrain.checkpoint import (
     restore,
     save,
 )
-from pretrain.dist import DistInfo, init_distributed, shutdown
+from pretrain.dist import DistInfo, init_distributed, launch_env, shutdown
 from pretrain.engine import (
     build_engine,
     builds_partitioned,
@@ -56,7 +56,7 @@ from pretrain.engine import (
     resolve_precision,
 )
 from pretrain.model import is_partitioned
-from pretrain.run import _lock_run_dir, seed_everything
+from pretrain.run import seed_everything
 
 METRICS = "metrics.json"
 
@@ -80,14 +80,9 @@ def load_splits(cfg: FinetuneConfig, task) -> dict[str, list]:
     return splits
 
 
-def build(cfg: FinetuneConfig, info: DistInfo) -> FinetuneTrainer:
-    cfg.precision = resolve_precision(cfg.precision)  # before config.yaml and checkpoints record it
+def build(cfg: FinetuneConfig, info: DistInfo, backbone: Backbone, target: ResumeTarget | None) -> FinetuneTrainer:
+    """The trainer, from the backbone and resume target :func:`prepare` made before the process group."""
     run_dir = Path(cfg.run_dir)
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        _lock_run_dir(run_dir)
-    backbone = resolve_backbone(cfg, info.rank)
-    cfg.model = backbone.model
     tok = Tokenizer.load(backbone.hf_dir)
     ids = {"bos": tok.bos_id, "eos": tok.eos_id, "pad": tok.pad_id, "unk": tok.unk_id}
     mask_id = tok.token_to_id("<mask>") if backbone.model.kind == "masked" else None
@@ -102,7 +97,6 @@ def build(cfg: FinetuneConfig, info: DistInfo) -> FinetuneTrainer:
     if not splits["train"][1]:
         raise DataError(f"{cfg.data.train}: no usable training examples")
 
-    target = resolve_resume(cfg, info.world_size)  # first: a resume keeps the checkpoint's global batch
     plan = plan_batches(cfg.train.micro_batch_size, cfg.train.global_batch_size, info.world_size, cfg.task.max_seq_len)
     n_train = len(splits["train"][1])
     if cfg.train.max_steps is None:
@@ -131,7 +125,7 @@ def build(cfg: FinetuneConfig, info: DistInfo) -> FinetuneTrainer:
     checkpointer = Checkpointer(cfg)
     log_dir = str(run_dir / "tensorboard") if cfg.metrics.tensorboard else None
     callbacks = [checkpointer, BestCheckpoint(cfg.train.select_metric, checkpointer),
-                 MetricsLogger(log_dir, fpt, peak, source), ProgressBar(cfg.train.progress)]
+                 MetricsLogger(log_dir, fpt, peak, source), ProgressBar(cfg.train.progress), *load_callbacks(cfg.callbacks)]
     print0(
         f"fine-tune {run_dir}: {task.name} on a {backbone.model.kind} backbone ({n_total:,} params, {n_train_params:,} "
         f"trainable), {n_train} train / {len(splits['validation'][1])} validation features"
@@ -165,9 +159,10 @@ def load_checkpoint_weights(trainer: FinetuneTrainer, step_dir: Path) -> None:
     reapply_group_hparams(trainer.engine, trainer.cfg)
 
 
-def finish(trainer: FinetuneTrainer) -> dict[str, Any]:
-    """Best checkpoint → validation and test metrics → metrics.json, TensorBoard, export."""
-    cfg, info = trainer.cfg, trainer.dist
+def finish(trainer: FinetuneTrainer) -> tuple[dict[str, Any], Path]:
+    """Best checkpoint → validation and test metrics (all ranks); returns them and the chosen checkpoint.
+    The export and metrics.json follow in :func:`publish`, once the process group is gone."""
+    cfg = trainer.cfg
     run_dir = Path(cfg.run_dir)
     best = best_checkpoint(run_dir)
     final = latest_checkpoint(run_dir)
@@ -188,38 +183,44 @@ def finish(trainer: FinetuneTrainer) -> dict[str, Any]:
                 results.update({f"{prefix}/{k}": v for k, v in gen.items()})
     if "eval/loss" in results:
         results["eval/ppl"] = math.exp(min(results["eval/loss"], 50.0))
-    export_dir = run_dir / "export"
-    if info.is_main:
-        _write_tensorboard(run_dir, cfg, trainer.state.step, results)
-        if trainer.last_generations:
-            atomic_write_text(run_dir / "samples.jsonl", "".join(json.dumps(g) + "\n" for g in trainer.last_generations))
-        from pretrain.export import fp32_state_dict
+    return results, chosen
 
-        export_task_model(fp32_state_dict(chosen), trainer.task, trainer.backbone, export_dir, trainer.task.tok)
-        record = {
-            **results,
-            "task": trainer.task.name,
-            "labels": trainer.task.labels,
-            "checkpoint": chosen.name,
-            "best": best,
-            "steps": trainer.state.step,
-            "epochs": trainer.loader.epoch,
-            "n_params": trainer.n_params[0],
-            "n_trainable_params": trainer.n_params[1],
-            "examples": {k: len(v[0]) for k, v in trainer.splits.items()},
-            "features": {k: len(v[1]) for k, v in trainer.splits.items()},
-            "init_from": {"path": cfg.init_from, **trainer.backbone.source},
-            "random_init": cfg.transfer.random_init,
-            "world_size": info.world_size,
-            "export": str(export_dir),
-            "finished_at": time.time(),
-        }
-        atomic_write_text(run_dir / METRICS, json.dumps(record, indent=1) + "\n")  # last: marks the run finished
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
+
+def publish(trainer: FinetuneTrainer, results: dict[str, Any], chosen: Path) -> None:
+    """Rank 0, after the process group is destroyed: TensorBoard, samples, the HF export, then
+    ``metrics.json`` (last: it marks the run finished). A 7B export takes longer than any collective
+    timeout, so no rank may be waiting in one meanwhile."""
+    cfg = trainer.cfg
+    run_dir = Path(cfg.run_dir)
+    export_dir = run_dir / "export"
+    best = best_checkpoint(run_dir)
+    _write_tensorboard(run_dir, cfg, trainer.state.step, results)
+    if trainer.last_generations:
+        atomic_write_text(run_dir / "samples.jsonl", "".join(json.dumps(g) + "\n" for g in trainer.last_generations))
+    from pretrain.export import fp32_state_dict
+
+    export_task_model(fp32_state_dict(chosen), trainer.task, trainer.backbone, export_dir, trainer.task.tok)
+    record = {
+        **results,
+        "task": trainer.task.name,
+        "labels": trainer.task.labels,
+        "checkpoint": chosen.name,
+        "best": best,
+        "steps": trainer.state.step,
+        "epochs": trainer.loader.epoch,
+        "n_params": trainer.n_params[0],
+        "n_trainable_params": trainer.n_params[1],
+        "examples": {k: len(v[0]) for k, v in trainer.splits.items()},
+        "features": {k: len(v[1]) for k, v in trainer.splits.items()},
+        "init_from": {"path": cfg.init_from, **trainer.backbone.source},
+        "random_init": cfg.transfer.random_init,
+        "world_size": trainer.dist.world_size,
+        "export": str(export_dir),
+        "finished_at": time.time(),
+    }
+    atomic_write_text(run_dir / METRICS, json.dumps(record, indent=1) + "\n")  # last: marks the run finished
     shown = " | ".join(f"{k} {v:.4f}" for k, v in results.items() if isinstance(v, float))
     print0(f"done: {shown} → {run_dir / METRICS}, model → {export_dir}")
-    return results
 
 
 def _write_tensorboard(run_dir: Path, cfg: FinetuneConfig, step: int, results: dict[str, Any]) -> None:
@@ -236,15 +237,37 @@ def _write_tensorboard(run_dir: Path, cfg: FinetuneConfig, step: int, results: d
     w.close()
 
 
+def prepare(cfg: FinetuneConfig, rank: int, world_size: int) -> tuple[Backbone, ResumeTarget | None]:
+    """Before the process group exists: the run-directory lock, the backbone's HF export (rank 0,
+    the others wait on its completion marker) and the resume target (converted likewise)."""
+    cfg.precision = resolve_precision(cfg.precision)  # before config.yaml and checkpoints record it
+    if rank == 0:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        print0(f"run directory lock: {lock_run_dir(cfg.run_dir)}")
+    backbone = resolve_backbone(cfg, rank)
+    cfg.model = backbone.model
+    from finetune.estimate import resolve_zero_stage
+
+    cfg.zero.stage = resolve_zero_stage(cfg, backbone, world_size)  # "auto" → 0 or 3 by size, before anything reads it
+    target = resolve_resume(cfg, world_size)  # first: a resume keeps the checkpoint's global batch
+    if target is not None and target.universal:
+        ensure_universal(target, rank)
+    return backbone, target
+
+
 def run(cfg: FinetuneConfig) -> dict[str, Any]:
-    info = init_distributed()
+    check_versions()
+    rank, _, world_size = launch_env()
+    if (Path(cfg.run_dir) / METRICS).is_file() and cfg.resume.mode == "auto":
+        done = json.loads((Path(cfg.run_dir) / METRICS).read_text())
+        print0(f"{cfg.run_dir} is finished ({METRICS} exists, {done.get('steps')} steps); use another --run_dir "
+               "or delete it to train again")
+        return done
+    backbone, target = prepare(cfg, rank, world_size)
+    info = init_distributed(cfg.dist.timeout_s)
+    ok, finished = False, None
     try:
-        if (Path(cfg.run_dir) / METRICS).is_file() and cfg.resume.mode == "auto":
-            done = json.loads((Path(cfg.run_dir) / METRICS).read_text())
-            print0(f"{cfg.run_dir} is finished ({METRICS} exists, {done.get('steps')} steps); use another --run_dir "
-                   "or delete it to train again")
-            return done
-        trainer = build(cfg, info)
+        trainer = build(cfg, info, backbone, target)
         trainer.fit()
         if trainer.early_stopped:
             print0(f"early stop at step {trainer.state.step}: {trainer.evals_without_improvement} validations "
@@ -252,8 +275,12 @@ def run(cfg: FinetuneConfig) -> dict[str, Any]:
         elif trainer.stop_requested and trainer.state.step < cfg.train.max_steps:
             print0(f"stopped at step {trainer.state.step} ({'signal' if trainer.preempted else 'train.exit_interval'}); "
                    "run the same command again to continue")
+            ok = True
             return {}
-        return finish(trainer)
+        finished = finish(trainer)
+        ok = True
     finally:
-        shutdown()
-
+        shutdown(ok)
+    if rank == 0:
+        publish(trainer, *finished)
+    return finished[0]

@@ -64,11 +64,14 @@ def _coerce(tp: Any, value: Any, key: str) -> Any:
             raise ConfigError(f"{key}: expected a mapping for section {tp.__name__}, got {value!r}")
         return from_dict(tp, value, prefix=f"{key}.")
     if origin in (list, tuple, Sequence) or tp in (list, tuple):
-        if isinstance(value, str | bytes) or not isinstance(value, list | tuple):
+        is_tuple = origin is tuple or tp is tuple
+        if not isinstance(value, list | tuple) and not isinstance(value, dict) and not is_tuple:
+            value = [value]  # `--data.shards=out/shards` is what users type for a one-item list
+        if not isinstance(value, list | tuple):
             raise ConfigError(f"{key}: expected a list, got {value!r}")
         (item_tp,) = get_args(tp)[:1] or (Any,)
         items = [_coerce(item_tp, v, f"{key}[{i}]") for i, v in enumerate(value)]
-        return tuple(items) if origin is tuple or tp is tuple else items
+        return tuple(items) if is_tuple else items
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ConfigError(f"{key}: expected a mapping, got {value!r}")

@@ -36,7 +36,7 @@ def _run(title: str, cmd: list[str], env: dict[str, str]) -> float:
 
 def _env() -> dict[str, str]:
     env = dict(os.environ)
-    env.setdefault("DS_ACCELERATOR", "cpu")
+    # no DS_ACCELERATOR: the accelerator follows the hardware (pretrain.dist.choose_accelerator)
     env.setdefault("OMP_NUM_THREADS", "1")
     env.setdefault("TORCH_EXTENSIONS_DIR", str(REPO / ".cache" / "torch_extensions"))
     env.setdefault("HF_HUB_OFFLINE", "1")

@@ -9,6 +9,7 @@ import torch
 import torch.distributed as dist
 
 from lmforge.config import dump_yaml
+from lmforge.errors import ConfigError
 from lmforge.log import print0, progress_enabled
 from pretrain.trainer import Callback, Trainer
 
@@ -21,6 +22,24 @@ PEAK_FLOPS = {
     "A10G": 125e12,
     "V100": 125e12,  # fp16 tensor cores
 }
+
+
+def load_callbacks(specs: list[str]) -> list[Callback]:
+    """``["module:factory", ...]`` → the callbacks the factories return (``--callbacks=[my.mod:Monitor]``)."""
+    import importlib
+
+    out = []
+    for spec in specs:
+        mod, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod), attr)
+        except (ImportError, AttributeError, ValueError) as e:
+            raise ConfigError(f"callbacks: cannot load '{spec}' ({e}); write module:factory, importable here") from None
+        cb = factory()
+        if not isinstance(cb, Callback):
+            raise ConfigError(f"callbacks: '{spec}' returned {type(cb).__name__}, not a pretrain.trainer.Callback")
+        out.append(cb)
+    return out
 
 
 def measured_cpu_flops(n: int = 512, trials: int = 5, seconds: float = 0.1) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import shutil
 import subprocess
@@ -158,39 +159,73 @@ def _keep_global_batch(cfg, state: dict[str, Any], step_dir: Path, world_size: i
 
 # ---------------------------------------------------------------- world-size change
 def ensure_universal(target: ResumeTarget, rank: int) -> None:
-    """Rank 0 converts the checkpoint with DeepSpeed's ds_to_universal (once, cached); others wait."""
+    """Rank 0 converts the checkpoint with DeepSpeed's ds_to_universal (once, cached); others wait.
+
+    Called before the process group exists (``pretrain.run``): the conversion of a 7B checkpoint
+    outlasts any collective timeout, so the other ranks wait on its completion marker instead.
+    """
+    from pretrain.dist import rank0_work
+
     out = target.step_dir.parent / target.load_tag
-    if rank == 0 and not (out / UNIVERSAL_DONE).is_file():
-        print0(f"checkpoint {target.step_dir.name} was written by {target.state['world_size']} rank(s): "
-               f"converting to DeepSpeed's universal format → {out.name}")
-        if out.exists():
-            shutil.rmtree(out)
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(target.step_dir),
-               "--output_folder", str(out), "--num_extract_workers", "1", "--num_merge_workers", "1"]
-        if target.state["zero_stage"] < 3:
-            cmd.append("--inject_missing_state")  # ZeRO-1/2 checkpoints lack the universal metadata
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
-            raise CheckpointError(f"converting {target.step_dir} to universal format failed: {tail}")
-        (out / UNIVERSAL_DONE).write_text("ok\n")
-        fsync_dir(out)
-    if dist.is_initialized():
-        dist.barrier()
+    rank0_work(f"converting {target.step_dir.name} to the universal format", lambda: _convert(target, out),
+               lambda: (out / UNIVERSAL_DONE).is_file(), target.step_dir.parent, rank)
+
+
+def conversion_workers() -> int:
+    """One extract/merge worker per core this process may use (ds_to_universal's default is 4, ours was 1)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _convert(target: ResumeTarget, out: Path) -> None:
+    workers = conversion_workers()
+    print0(f"checkpoint {target.step_dir.name} was written by {target.state['world_size']} rank(s): "
+           f"converting to DeepSpeed's universal format → {out.name} ({workers} workers)")
+    if out.exists():
+        shutil.rmtree(out)
+    cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(target.step_dir),
+           "--output_folder", str(out), "--num_extract_workers", str(workers), "--num_merge_workers", str(workers)]
+    if target.state["zero_stage"] < 3:
+        cmd.append("--inject_missing_state")  # ZeRO-1/2 checkpoints lack the universal metadata
+    t0 = time.time()
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise CheckpointError(f"converting {target.step_dir} to universal format failed: {tail}")
+    _fsync_tree(out, 0)
+    atomic_write_text(out / UNIVERSAL_DONE, "ok\n")
+    print0(f"universal checkpoint {out.name} written ({time.time() - t0:.0f}s)")
 
 
 # ---------------------------------------------------------------- RNG
 def rng_state() -> dict[str, Any]:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+    """Every RNG of this process as tensors, ints and tuples only: the file loads with
+    ``torch.load(weights_only=True)``, which runs no pickled code (a run directory may come from elsewhere)."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": (kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss),
+            "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def set_rng_state(s: dict[str, Any]) -> None:
     random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    kind, keys, pos, has_gauss, gauss = s["numpy"]
+    np.random.set_state((kind, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, gauss))
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])
+
+
+def load_rng_state(path: Path) -> dict[str, Any] | None:
+    """The RNG state saved in ``path``, read without unpickling code; None for an older pickled file."""
+    try:
+        return torch.load(path, weights_only=True)
+    except pickle.UnpicklingError:
+        print0(f"{path} is a pickle from an older lmforge and is not loaded (it could run code); "
+               "the RNG streams are seeded afresh")
+        return None
 
 
 # ---------------------------------------------------------------- save
@@ -302,8 +337,9 @@ def restore(trainer, target: ResumeTarget) -> None:
     reapply_group_hparams(trainer.engine, cfg)
     trainer.load_state_dict(state, allow_data_change=cfg.resume.allow_data_change)
     rng_file = target.step_dir / f"rng_rank{info.rank:05d}.pt"
-    if not target.universal and rng_file.is_file():
-        set_rng_state(torch.load(rng_file, weights_only=False))
+    saved_rng = load_rng_state(rng_file) if not target.universal and rng_file.is_file() else None
+    if saved_rng is not None:
+        set_rng_state(saved_rng)
     else:  # another world size: a fresh, reproducible stream per rank
         seed = cfg.train.seed + 1000 * trainer.state.step + info.rank
         random.seed(seed)

@@ -68,7 +68,7 @@ def shard_tokenizer(cfg: PretrainConfig):
 
 def dry_run(cfg: PretrainConfig, ranks: int) -> int:
     """Resolved config, parameter count, FLOPs/token and per-rank memory — nothing is allocated."""
-    from pretrain.estimate import describe
+    from pretrain.estimate import describe, saves_line
 
     vocab = cfg.model.vocab_size
     if vocab is None:
@@ -80,11 +80,17 @@ def dry_run(cfg: PretrainConfig, ranks: int) -> int:
     print("# --- dry run ---")
     print(json.dumps(info, indent=1))
     print(f"n_params: {info['n_params']:,}")
+    print("batch: " + (info["batch_note"] or f"{info['global_batch_size']} sequences per step = micro "
+                       f"{info['micro_batch_size']} x accum {info['grad_accum_steps']} x {ranks} ranks"))
+    print(saves_line(info["checkpoint"]))
     return 0
 
 
 def cli() -> None:
-    sys.exit(run_cli(main))
+    from torch.distributed.elastic.multiprocessing.errors import record
+
+    # record: under torchrun, a failing rank's error becomes the job's reported root cause
+    sys.exit(run_cli(record(main)))
 
 
 if __name__ == "__main__":

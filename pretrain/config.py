@@ -58,7 +58,7 @@ class OptimConfig:
 class TrainConfig:
     max_steps: int = 1000  # optimizer steps
     max_tokens: int | None = None  # stop after this many training tokens (whichever comes first)
-    micro_batch_size: int = 8  # sequences per forward/backward per data-parallel rank
+    micro_batch_size: int = 8  # most sequences per forward/backward per rank; the plan may use fewer to split the global batch
     global_batch_size: int | None = None  # sequences per optimizer step; None = micro × ranks (no accumulation)
     eval_every: int = 100  # steps between evaluations (0 = only at the end)
     eval_samples: int = 256  # validation windows per evaluation
@@ -108,6 +108,16 @@ class ResumeConfig:
 
 
 @dataclass
+class DistConfig:
+    """Process group settings."""
+
+    # Seconds a collective may wait before every rank is aborted (NCCL's default is 10 min). Work one
+    # rank does alone (world-size conversion, exports) runs outside collectives, so this bounds
+    # only real hangs: a dead or stuck peer.
+    timeout_s: float = 1800.0
+
+
+@dataclass
 class PretrainConfig:
     run_dir: str = "runs/default"
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "bf16"  # auto: bf16 on GPUs / AMX CPUs, else fp32
@@ -119,8 +129,14 @@ class PretrainConfig:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
+    dist: DistConfig = field(default_factory=DistConfig)
+    # extra callbacks, "module:factory" (called with no arguments, returns a pretrain.trainer.Callback):
+    # your own monitors, and the tests' fault injections (tests/hooks.py)
+    callbacks: list[str] = field(default_factory=list)
 
     def validate(self) -> None:
+        if self.dist.timeout_s <= 0:
+            raise ConfigError("dist.timeout_s: must be positive (seconds)")
         if self.zero.stage not in (0, 1, 2, 3):
             raise ConfigError(f"zero.stage: expected 0, 1, 2 or 3, got {self.zero.stage}")
         if self.zero.offload_param and self.zero.stage != 3:

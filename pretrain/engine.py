@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lmforge.errors import ConfigError
+from lmforge.log import print0
 from pretrain.config import PretrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -25,8 +26,9 @@ class BatchPlan:
     micro_batch_per_rank: int  # sequences per forward/backward on one data-parallel rank
     grad_accum_steps: int
     dp_world: int
-    global_batch: int  # sequences per optimizer step, all ranks together
+    global_batch: int  # sequences per optimizer step, all ranks together (= micro × accum × ranks, exactly)
     seq_len: int
+    note: str = ""  # one line for start-up and --dry-run when the plan differs from what the config asked
 
     @property
     def tokens_per_step(self) -> int:
@@ -49,19 +51,70 @@ def resolve_precision(precision: str, cuda: bool | None = None, cpu_flags: set[s
 
 
 def batch_plan(cfg: PretrainConfig, dp_world: int) -> BatchPlan:
-    """global = micro × accumulation × ranks; anything else is an error naming the keys."""
+    """The engine's batch arithmetic (``plan_batches``) for a pretraining config."""
     return plan_batches(cfg.train.micro_batch_size, cfg.train.global_batch_size, dp_world, cfg.data.seq_len)
 
 
 def plan_batches(micro: int, global_batch: int | None, dp_world: int, seq_len: int) -> BatchPlan:
-    per_pass = micro * dp_world
-    global_batch = global_batch or per_pass
-    if global_batch % per_pass:
-        raise ConfigError(
-            f"train.global_batch_size {global_batch} is not divisible by train.micro_batch_size {micro} "
-            f"x {dp_world} data-parallel ranks = {per_pass}; change one of them"
-        )
-    return BatchPlan(micro, global_batch // per_pass, dp_world, global_batch, seq_len)
+    """Split a global batch over ranks: global = micro × accumulation × ranks, exactly.
+
+    ``micro`` is the *largest* micro-batch a rank may run (a memory bound): the plan takes the
+    largest micro ≤ it that divides the rank's share, and accumulates the rest. ``global_batch``
+    None means micro × ranks (no accumulation). A global batch the ranks cannot share evenly is
+    rounded up to the next multiple of the ranks, and ``note`` says so.
+
+    Up, not to the nearest: (1) every rank needs at least one sequence, so when there are more ranks
+    than sequences only rounding up exists, and one rule covers every case; (2) at the recipe's lr a
+    larger batch has less gradient noise, a smaller one more (McCandlish et al. 2018, "An Empirical
+    Model of Large-Batch Training", §2), so up is the side that cannot destabilise a tuned recipe;
+    the change is under ``dp_world`` sequences (≤ 3% for the presets at 24 ranks: 256 → 264).
+    """
+    if micro < 1:
+        raise ConfigError(f"train.micro_batch_size: must be positive, got {micro}")
+    if not global_batch:  # None (or 0): no accumulation
+        return BatchPlan(micro, 1, dp_world, micro * dp_world, seq_len)
+    if global_batch < 0:
+        raise ConfigError(f"train.global_batch_size: must be positive, got {global_batch} (or unset it for micro x ranks)")
+    used = -(-global_batch // dp_world) * dp_world  # smallest multiple of the ranks >= the request
+    per_rank = used // dp_world
+    m = max(d for d in range(1, min(micro, per_rank) + 1) if per_rank % d == 0)
+    note = _plan_note(micro, global_batch, dp_world, used, m)
+    return BatchPlan(m, per_rank // m, dp_world, used, seq_len, note)
+
+
+def _plan_note(micro: int, asked: int, dp_world: int, used: int, m: int) -> str:
+    """'' when the plan is what the config asked for (or all a rank's share allows), else one line."""
+    per_rank = used // dp_world
+    split = f"micro {m} x accum {per_rank // m} x {dp_world} ranks"
+    # the smallest global batch >= the request that runs the full micro-batch on every rank
+    full = -(-asked // (micro * dp_world)) * micro * dp_world
+    hint = f"; train.global_batch_size={full} would run micro {micro}" if m < min(micro, per_rank) else ""
+    if used != asked:
+        return (f"global batch {used} instead of train.global_batch_size {asked}: {asked} sequences do not split over "
+                f"{dp_world} ranks, rounded up to a multiple of the ranks ({split}){hint}")
+    if hint:
+        return (f"micro batch {m} instead of train.micro_batch_size {micro}: {per_rank} sequences per rank do not split "
+                f"into micro-batches of {micro} ({split}){hint}")
+    return ""
+
+
+# DeepSpeed sums gradients over micro-steps in the model's dtype unless ``data_types.grad_accum_dtype``
+# says otherwise (0.19.8 runtime/engine.py:1806 get_data_types: the default is the model dtype), i.e. in
+# bf16 for bf16 runs. bf16 keeps 8 significant bits, so each addend is rounded to 2^-8 of the running sum
+# and a long sum loses the small ones (the 7b preset sums 16 micro-steps at 32 ranks, 64 at 8).
+# With "fp32", per ZeRO stage (0.19.8; tests/test_scale_config.py builds each engine and checks):
+# - 1: engine.py:2305 _do_optimizer_sanity_check picks BF16_Optimizer (bf16_optimizer.py:191: a
+#   full-size fp32 gradient buffer per rank, optimizer states still partitioned); with optimizer
+#   offload it is the ZeRO optimizer, which accumulates into param.grad_accum in fp32
+#   (zero/stage_1_and_2.py:401, :1237).
+# - 2: the ZeRO optimizer adds each reduced bf16 gradient into an fp32 partition buffer
+#   (stage_1_and_2.py:1259 _use_compact_grad_partition_buffer, :1325 _add_to_grad_partition_buffer).
+# - 3: the gradient partitions live in one flat buffer of that dtype (zero/stage3.py:791) and each
+#   micro-step's partition is added to it in fp32 (stage3.py:2030).
+# - 0 (plain data parallel) cannot take it: engine.py:2323 raises NotImplementedError "unsupported mix
+#   of model_dtype=bfloat16 and grad_accum_dtype=float32" (BF16_Optimizer is used there only with
+#   pipeline parallelism), so ZeRO-0 bf16 keeps summing in bf16 and says so at start-up.
+BF16_GRAD_ACCUM_DTYPE = "fp32"  # fp16 and fp32 runs keep DeepSpeed's default
 
 
 def ds_config_path(cfg: PretrainConfig) -> Path:
@@ -112,10 +165,20 @@ def ds_config(cfg: PretrainConfig, plan: BatchPlan, load_universal: bool = False
         conf["checkpoint"] = {"load_universal": True}
     if cfg.precision == "bf16":
         conf["bf16"] = {"enabled": True}
+        if cfg.zero.stage > 0:  # see BF16_GRAD_ACCUM_DTYPE; an engine JSON may still choose bf16 sums (less memory)
+            conf.setdefault("data_types", {}).setdefault("grad_accum_dtype", BF16_GRAD_ACCUM_DTYPE)
     elif cfg.precision == "fp16":
         conf["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                         "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     return conf
+
+
+def accumulation_note(cfg: PretrainConfig, plan: BatchPlan) -> str:
+    """A one-line warning where gradients are summed over micro-steps in bf16 (ZeRO-0 cannot do fp32)."""
+    if cfg.precision == "bf16" and cfg.zero.stage == 0 and plan.grad_accum_steps > 1:
+        return (f"warning: ZeRO-0 sums the {plan.grad_accum_steps} micro-steps' gradients in bf16 (DeepSpeed accumulates "
+                "in fp32 only with ZeRO >= 1): use --zero.stage=1 for fp32 accumulation")
+    return ""
 
 
 def builds_partitioned(cfg: PretrainConfig) -> bool:
@@ -222,6 +285,9 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: BatchPlan, l
             "accelerator needs hardware fp16, e.g. AVX512-FP16); use --precision=bf16 or fp32"
         )
     conf = ds_config(cfg, plan, load_universal)
+    for line in (plan.note, accumulation_note(cfg, plan)):
+        if line:
+            print0(line)
     params = [g for g in (param_groups or default_param_groups(model, cfg)) if g["params"]]
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen")

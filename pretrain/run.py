@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import random
 from pathlib import Path
 
@@ -11,13 +10,15 @@ import torch
 
 from data_pipeline.loader import ShardLoader
 from lmforge.config import dump_yaml
-from lmforge.errors import DataError, LmforgeError
+from lmforge.errors import DataError
+from lmforge.lock import lock_run_dir
 from lmforge.log import print0
-from pretrain.callbacks import MetricsLogger, ProgressBar, device_peak_flops
-from pretrain.checkpoint import Checkpointer, resolve_resume, restore
+from lmforge.versions import check_versions
+from pretrain.callbacks import MetricsLogger, ProgressBar, device_peak_flops, load_callbacks
+from pretrain.checkpoint import Checkpointer, ResumeTarget, ensure_universal, resolve_resume, restore
 from pretrain.cli import shard_tokenizer
 from pretrain.config import PretrainConfig
-from pretrain.dist import DistInfo, init_distributed, shutdown
+from pretrain.dist import DistInfo, init_distributed, launch_env, shutdown
 from pretrain.engine import (
     batch_plan,
     build_engine,
@@ -28,6 +29,8 @@ from pretrain.engine import (
     resolve_precision,
 )
 from pretrain.trainer import Callback, Trainer, TrainState
+
+_UNRESOLVED = object()  # build(): resolve the resume target itself
 
 
 def special_ids(tok, kind: str) -> dict[str, int]:
@@ -52,42 +55,25 @@ def prepare_run_dir(cfg: PretrainConfig, tok, info: DistInfo) -> Path:
     run_dir = Path(cfg.run_dir)
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
-        _lock_run_dir(run_dir)
         (run_dir / "config.yaml").write_text(dump_yaml(cfg))
         tok.save(run_dir / "tokenizer")
     return run_dir
 
 
-_LOCKS: list = []  # open lock files live as long as the process (a crash releases them)
+def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] | None = None,
+          target: ResumeTarget | None | object = _UNRESOLVED) -> Trainer:
+    """Everything a run needs, ready for ``fit()`` (checkpoint restore hooks in before fit).
 
-
-def _lock_run_dir(run_dir: Path) -> None:
-    """One training process tree per run directory: a second one would interleave checkpoints."""
-    import fcntl
-
-    f = open(run_dir / ".lock", "a+")
-    try:
-        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        f.seek(0)
-        raise LmforgeError(
-            f"another run is using {run_dir} (pid {f.read().strip() or '?'}); wait for it or pick another --run_dir"
-        ) from None
-    f.truncate(0)
-    f.write(f"{os.getpid()}\n")
-    f.flush()
-    _LOCKS.append(f)
-
-
-def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] | None = None) -> Trainer:
-    """Everything a run needs, ready for ``fit()`` (checkpoint restore hooks in before fit)."""
+    ``target``: the checkpoint to resume, when :func:`prepare` already resolved (and converted) it.
+    """
     from pretrain.model import build_model, build_model_partitioned, flops_per_token, is_partitioned
 
     cfg.precision = resolve_precision(cfg.precision)  # before config.yaml and checkpoints record it
     tok = shard_tokenizer(cfg)
     ids = special_ids(tok, cfg.model.kind)
     run_dir = prepare_run_dir(cfg, tok, info)
-    target = resolve_resume(cfg, info.world_size)  # first: a resume keeps the checkpoint's global batch
+    if target is _UNRESOLVED:
+        target = resolve_resume(cfg, info.world_size)  # first: a resume keeps the checkpoint's global batch
     plan = batch_plan(cfg, info.world_size)
     seed_everything(cfg.train.seed)  # identical initial weights on every rank
     # Every ZeRO stage starts from the same weights; ZeRO-3 builds the model already partitioned.
@@ -108,7 +94,7 @@ def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] |
     fpt = flops_per_token(cfg.model, tok.vocab_size, cfg.data.seq_len)
     log_dir = str(run_dir / "tensorboard") if cfg.metrics.tensorboard else None
     callbacks: list[Callback] = [Checkpointer(cfg), MetricsLogger(log_dir, fpt, peak, source), ProgressBar(cfg.train.progress)]
-    callbacks += extra_callbacks or []
+    callbacks += load_callbacks(cfg.callbacks) + (extra_callbacks or [])
     n_params = sum(param_numel(p) for p in model.parameters())
     print0(
         f"run {run_dir}: {cfg.model.kind} model, {n_params:,} params, "
@@ -122,12 +108,30 @@ def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] |
     return trainer
 
 
+def prepare(cfg, rank: int, world_size: int) -> ResumeTarget | None:
+    """What runs before the process group exists: the run-directory lock and the resume target,
+    converted to DeepSpeed's universal format on rank 0 when the world size changed (the other
+    ranks wait on its completion marker: no collective waits on single-rank work)."""
+    if rank == 0:
+        Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
+        print0(f"run directory lock: {lock_run_dir(cfg.run_dir)}")
+    target = resolve_resume(cfg, world_size)  # first: a resume keeps the checkpoint's global batch
+    if target is not None and target.universal:
+        ensure_universal(target, rank)
+    return target
+
+
 def run(cfg: PretrainConfig) -> TrainState:
-    info = init_distributed()
+    check_versions()
+    rank, _, world_size = launch_env()
+    target = prepare(cfg, rank, world_size)
+    info = init_distributed(cfg.dist.timeout_s)
+    ok = False
     try:
-        trainer = build(cfg, info)
+        trainer = build(cfg, info, target=target)
         state = trainer.fit()
         print0(f"done: {state.step} steps, {state.tokens_seen:,} tokens, {state.skipped_steps} skipped → {cfg.run_dir}")
+        ok = True
         return state
     finally:
-        shutdown()
+        shutdown(ok)

@@ -129,13 +129,18 @@ def build_executor(args: argparse.Namespace, stage: str, folder: Path, extra: di
     setup = [f"export PYTHONPATH={shlex.quote(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}",
              f"export TORCH_EXTENSIONS_DIR=${{TORCH_EXTENSIONS_DIR:-{shlex.quote(str(REPO / '.cache' / 'torch_extensions'))}}}",
              "export OMP_NUM_THREADS=${OMP_NUM_THREADS:-${SLURM_CPUS_PER_TASK:-1}}"]
-    if gpus == 0:
-        setup.append("export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}")
+    # The accelerator follows the job's hardware, whatever the submitting shell exported: a GPU job
+    # that inherited DS_ACCELERATOR=cpu would train on the CPU (pretrain.dist refuses that too).
+    setup.append(f"export DS_ACCELERATOR={'cuda' if gpus else 'cpu'}")
+    if not gpus:
+        setup.append("export LMFORGE_ACCELERATOR=cpu  # asked for by name: a CPU job, even on a GPU node")
     # submitit's own timeout budget only matters if USR2 arrives before our handler is in place
     ex = submitit.AutoExecutor(folder=folder, cluster="slurm", slurm_max_num_timeout=args.max_requeues)
     params = dict(
         nodes=args.nodes, tasks_per_node=max(1, gpus), timeout_min=minutes, name=args.job_name or f"lmforge-{stage}",
         slurm_partition=args.partition, slurm_signal_delay_s=args.grace, slurm_setup=setup,
+        # one task that fails ends the step: its peers would otherwise wait in a collective until a watchdog
+        slurm_srun_args=["--kill-on-bad-exit=1"],
         slurm_additional_parameters={"requeue": True, **extra},
     )
     if gpus:
@@ -202,14 +207,23 @@ def wait(job, poll: float) -> int:
             raise LmforgeError(f"job {job.job_id} completed but reported an error: {_last_line(e)}") from None
         print(f"job {job.job_id} completed: {result}", flush=True)
         return 0
-    err = job.paths.stderr
-    tail = ""
-    if err.is_file():
-        # torch prefixes a rank's traceback lines with "[rank0]: "
-        lines = [re.sub(r"^\[rank\d+\]: ", "", ln) for ln in err.read_text(errors="replace").splitlines()]
-        tail = next((ln for ln in reversed(lines) if re.match(r"\w+(\.\w+)*(Error|Exception)\b", ln)), "")
+    err, tail = first_error(job.paths.stderr.parent, job.job_id)
+    err = err or job.paths.stderr
     print(f"job {job.job_id} ended {state}{': ' + tail if tail else ''} (log: {err})", file=sys.stderr, flush=True)
     return 1
+
+
+def first_error(folder: Path, job_id: str) -> tuple[Path | None, str]:
+    """The error of the task that failed first, and its log: its peers' errors ("connection closed",
+    killed by --kill-on-bad-exit) follow it, so the log written to last is the wrong one to quote."""
+    found = []
+    for err in folder.glob(f"{job_id}_*_log.err"):
+        # torch prefixes a rank's traceback lines with "[rank0]: "
+        lines = [re.sub(r"^\[rank\d+\]: ", "", ln) for ln in err.read_text(errors="replace").splitlines()]
+        line = next((ln for ln in reversed(lines) if re.match(r"\w+(\.\w+)*(Error|Exception)\b|error: ", ln)), "")
+        if line:
+            found.append((err.stat().st_mtime, err, line))
+    return (min(found)[1], min(found)[2]) if found else (None, "")
 
 
 def _last_line(e: BaseException) -> str:

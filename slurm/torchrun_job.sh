@@ -20,7 +20,8 @@ export PYTHONPATH=$REPO${PYTHONPATH:+:$PYTHONPATH}
 export TORCH_EXTENSIONS_DIR=${TORCH_EXTENSIONS_DIR:-$REPO/.cache/torch_extensions}
 GPUS=${SLURM_GPUS_ON_NODE:-0}
 NPROC=${LMFORGE_NPROC_PER_NODE:-$(( GPUS > 0 ? GPUS : 1 ))}
-[ "$GPUS" -gt 0 ] || export DS_ACCELERATOR=${DS_ACCELERATOR:-cpu}
+# the accelerator follows the hardware, whatever the submitting shell exported (pretrain.dist refuses cpu on GPUs)
+if [ "$GPUS" -gt 0 ]; then export DS_ACCELERATOR=cuda; else export DS_ACCELERATOR=cpu LMFORGE_ACCELERATOR=cpu; fi
 export OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(( ${SLURM_CPUS_ON_NODE:-$NPROC} / NPROC > 0 ? ${SLURM_CPUS_ON_NODE:-$NPROC} / NPROC : 1 ))}
 
 # Sensible NCCL defaults for multi-node GPU jobs (uncomment and adapt to your fabric):

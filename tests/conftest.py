@@ -69,9 +69,10 @@ def stage_env(**extra: str) -> dict[str, str]:
     env = dict(os.environ)
     env.update(
         DS_ACCELERATOR="cpu",
+        LMFORGE_ACCELERATOR="cpu",  # asked for by name: the suite runs on the CPU on GPU machines too
         OMP_NUM_THREADS="1",
         TORCH_EXTENSIONS_DIR=str(REPO / ".cache" / "torch_extensions"),
-        PYTHONPATH=str(REPO),
+        PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "tests")]),  # tests/hooks.py: --callbacks=[hooks:...]
         LMFORGE_PROGRESS="0",
     )
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
@@ -104,3 +105,53 @@ def read_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     acc = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+_SLOW_SITE = '''"""Written by tests/conftest.py slowed_env(): make chosen work slower than a collective timeout."""
+import importlib.abc, importlib.machinery, sys, time
+
+SLOW = {slow!r}  # "module:function" -> seconds; "argv:MODULE" -> seconds at start-up of `python -m MODULE`
+for key, s in SLOW.items():
+    if key.startswith("argv:") and key[5:] in sys.orig_argv:
+        time.sleep(s)
+
+
+class _Slow(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path, target=None):
+        targets = [k for k in SLOW if k.split(":")[0] == name]
+        if not targets:
+            return None
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is None:
+            return None
+        run = spec.loader.exec_module
+
+        def exec_module(module):
+            run(module)
+            for key in targets:
+                attr = key.split(":")[1]
+                fn = getattr(module, attr)
+
+                def slowed(*a, _fn=fn, _s=SLOW[key], **k):
+                    time.sleep(_s)
+                    return _fn(*a, **k)
+
+                setattr(module, attr, slowed)
+
+        spec.loader.exec_module = exec_module
+        return spec
+
+
+sys.meta_path.insert(0, _Slow())
+'''
+
+
+def slowed_env(folder: Path, slow: dict[str, float], env: dict[str, str] | None = None) -> dict[str, str]:
+    """``stage_env()`` whose processes sleep ``slow[key]`` seconds in ``module:function`` (or, for
+    ``argv:MODULE``, at the start of ``python -m MODULE``): work made longer than a process-group
+    timeout, the way a 7B conversion or export is, without a branch in lmforge's code."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "sitecustomize.py").write_text(_SLOW_SITE.format(slow=slow))
+    env = dict(env or stage_env())
+    env["PYTHONPATH"] = os.pathsep.join([str(folder), env["PYTHONPATH"]])
+    return env

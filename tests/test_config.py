@@ -52,6 +52,14 @@ def test_yaml_preset_with_overrides(tmp_path):
     assert cfg.optim.betas == (0.9, 0.95)
 
 
+def test_a_single_value_is_a_one_item_list():
+    # `--data.shards=out/shards` (no brackets) is what a new user types
+    cfg = load_config(Cfg, None, ["--shards=out/shards", "--weights=0.5"])
+    assert cfg.shards == ["out/shards"] and cfg.weights == [0.5]
+    with pytest.raises(ConfigError, match="optim.betas: expected a list"):
+        load_config(Cfg, None, ["--optim.betas=0.9"])  # a fixed-length tuple still needs all its items
+
+
 def test_roundtrip_through_yaml(tmp_path):
     cfg = load_config(Cfg, None, ["--weights=[0.7, 0.3]", "--precision=fp16"])
     p = tmp_path / "resolved.yaml"

@@ -13,7 +13,7 @@ from pathlib import Path
 import finetune_data as fd
 import pytest
 import torch
-from conftest import REPO, read_scalars, run_stage, stage_env
+from conftest import REPO, read_scalars, run_stage, slowed_env, stage_env
 
 TINY = "configs/pretrain/tiny.yaml"
 FAST = ["--precision=fp32", "--optim.lr=2e-3", "--optim.warmup_steps=10", "--task.max_seq_len=64",
@@ -40,10 +40,10 @@ def masked_run(tmp_path_factory, shards_dir) -> Path:
 
 
 def _finetune(preset: str, run_dir: Path, init_from: Path, train: Path, test: Path | None, *extra: str,
-              nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+              nproc: int = 1, check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     args = [f"configs/finetune/{preset}.yaml", f"--run_dir={run_dir}", f"--init_from={init_from}",
             f"--data.train={train}", *([f"--data.test={test}"] if test else []), *FAST, *extra]
-    return run_stage("finetune", args, nproc=nproc, check=check)
+    return run_stage("finetune", args, nproc=nproc, check=check, env=env)
 
 
 def _cfg(**kw):
@@ -164,19 +164,22 @@ def test_sequence_classification_beats_chance_and_exports(tmp_path, causal_zero3
     with torch.no_grad():
         batch = task.collate(feats)
         pred = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(-1)
-    acc = (pred == batch["labels"]).float().mean().item()
-    assert acc == pytest.approx(m["test/accuracy"], abs=1e-9)
+    # compare counts of right answers, not float32 means (0.9700000286 != 0.97 on another CPU)
+    correct = int((pred == batch["labels"]).sum())
+    assert correct == round(m["test/accuracy"] * len(feats)), (correct, m["test/accuracy"], len(feats))
 
 
 def test_masked_pairs_on_two_ranks_with_partial_freezing(tmp_path, masked_run):
     """BERT-style backbone, text pairs from JSONL, 2 ranks ZeRO-2; the first layer frozen: it stays
-    bit-identical, the rest moves."""
+    bit-identical, the rest moves. Both exports (the backbone at the start, the fine-tuned model at
+    the end) are slowed past the process-group timeout, as at 7B: no collective may wait on them."""
     train = fd.classification(tmp_path / "train.jsonl", 300, 1, fmt="jsonl", pair=True)
     test = fd.classification(tmp_path / "test.jsonl", 100, 2, fmt="jsonl", pair=True)
     run = tmp_path / "bert"
+    slow = slowed_env(tmp_path / "site", {"pretrain.export:export": 12, "finetune.model:export_task_model": 12})
     _finetune("classify", run, masked_run, train, test, "--train.epochs=6", "--zero.stage=2", "--optim.lr=1e-3",
-              "--train.micro_batch_size=8",
-              "--transfer.freeze_layers=1", nproc=2)
+              "--train.micro_batch_size=8", "--dist.timeout_s=6",
+              "--transfer.freeze_layers=1", nproc=2, env=slow)
     m = _metrics(run)
     assert m["test/accuracy"] >= 0.8, m
     pre, out = _pretrained_weights(masked_run), _safetensors(run / "export")

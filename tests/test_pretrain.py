@@ -150,7 +150,7 @@ def test_nan_loss_on_one_rank_skips_that_step_on_both(tmp_path, shards_dir):
     "override, message",
     [
         ("--train.bogus=1", "unknown config key 'train.bogus'"),
-        ("--train.global_batch_size=10", "train.global_batch_size 10 is not divisible by train.micro_batch_size 4"),
+        ("--train.global_batch_size=-4", "train.global_batch_size: must be positive"),
         ("--model.vocab_size=999", "model.vocab_size 999 does not match"),
     ],
 )

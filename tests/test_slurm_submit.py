@@ -185,6 +185,24 @@ def test_failing_training_and_requeue_limit_end_the_job(cluster, tmp_path, shard
     assert [a["event"] for a in read_records(limited, "attempts.jsonl")] == ["start", "requeue_limit"]
 
 
+def test_one_failing_rank_ends_the_whole_job_with_its_own_error(cluster, tmp_path, shards_dir, capsys, monkeypatch):
+    # rank 1 raises at step 3 while rank 0 goes on into step 4's collectives (issue 13, item 12): srun's
+    # --kill-on-bad-exit and no barrier after an error end the job; `--wait` quotes rank 1's error
+    run_dir = tmp_path / "rank1"
+    monkeypatch.setenv("LMFORGE_TEST_FAIL", "3@1")
+    job = submit_job(run_dir, shards_dir, "--callbacks=[hooks:fail]")
+    wait_until(lambda: training_reached(job, 3) or sacct(cluster, job.job_id).startswith("FAILED"), 240,
+               "the job reaching step 3")
+    t0 = time.monotonic()
+    capsys.readouterr()
+    assert submit.wait(job, 1) == 1
+    assert time.monotonic() - t0 < 60
+    err = capsys.readouterr().err
+    assert f"job {job.job_id} ended FAILED: RuntimeError: injected failure on rank 1 at step 3" in err, err
+    assert f"{job.job_id}_1_log.err" in err  # the failing task's log, not rank 0's
+    assert sacct(cluster, job.job_id) == "FAILED|0"
+
+
 # ---------------------------------------------------------------- 5. dry run, bad input
 def test_dry_run_of_a_4x8_gpu_submission(tmp_path, capsys):
     run_dir = tmp_path / "big"
@@ -203,7 +221,9 @@ def test_dry_run_of_a_4x8_gpu_submission(tmp_path, capsys):
         "account": "proj", "qos": "high", "constraint": "h100", "mem": "0", "cpus-per-task": "12",
         "exclude": "'node[07-09]'", "requeue": True, "signal": "USR2@120", "job-name": "lmforge-pretrain"}
     assert sbatch["output"] == f"{run_dir}/slurm/%j_0_log.out"  # logs inside the run directory
-    assert "world size 32" in out and "DS_ACCELERATOR" not in out  # GPUs: no cpu accelerator
+    # GPUs: the CUDA accelerator, whatever the submitting shell exported (item 10), and one failed task ends the step
+    assert "world size 32" in out and "export DS_ACCELERATOR=cuda\n" in out and "LMFORGE_ACCELERATOR" not in out
+    assert "srun --unbuffered" in out and "--kill-on-bad-exit=1" in out.split("srun --unbuffered", 1)[1].splitlines()[0]
     assert f"run_dir: {run_dir}\n" in out and "max_steps: 100000" in out and "hidden_size: 2048" in out
     assert not run_dir.exists()  # nothing submitted, nothing written
 
