@@ -146,6 +146,13 @@ def _keep_global_batch(cfg, state: dict[str, Any], step_dir: Path, world_size: i
     """A resume continues the same optimisation: an unset global batch is the checkpoint's, not micro x ranks
     (which changes with the number of ranks); an explicit different one is allowed, with a warning."""
     saved, now = state.get("global_batch"), cfg.train.global_batch_size
+    if saved is not None and (now is None or now == saved) and saved % world_size:
+        # the batch plan would round it up, and the data position (a multiple of it) would not split evenly
+        fits = [n for n in range(1, saved + 1) if saved % n == 0]
+        raise CheckpointError(
+            f"cannot resume {step_dir} on {world_size} ranks: its global batch {saved} does not split over them; "
+            f"resume on {', '.join(map(str, fits[-4:]))} or another divisor of {saved} ranks"
+        )
     if saved is None or now == saved:
         return
     if now is None:

@@ -145,3 +145,20 @@ def test_versions_outside_the_tested_ranges_are_refused_in_one_line():
     deps = [Requirement(d) for d in tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["dependencies"]]
     assert {r.name: r.specifier for r in deps if r.name in TESTED} == {
         n: Requirement(n + spec).specifier for n, spec in TESTED.items()}
+
+
+# ---------------------------------------------------------------- 6. a kept global batch on another world size
+def test_a_resume_whose_global_batch_does_not_split_over_the_new_ranks_is_refused(tmp_path):
+    from lmforge.config import load_config, to_dict
+    from pretrain.checkpoint import CheckpointError, resolve_resume
+    from pretrain.config import PretrainConfig
+
+    cfg = load_config(PretrainConfig, TINY, [f"--run_dir={tmp_path}", "--zero.stage=2"])
+    step = tmp_path / "checkpoints" / "step_00000004"
+    step.mkdir(parents=True)
+    (step / "trainer_state.json").write_text(json.dumps(
+        {"step": 4, "world_size": 4, "global_batch": 12, "zero_stage": cfg.zero.stage, "model": to_dict(cfg.model)}))
+    assert resolve_resume(cfg, 3).universal and cfg.train.global_batch_size == 12  # 12 splits over 3 ranks
+    cfg = load_config(PretrainConfig, TINY, [f"--run_dir={tmp_path}", "--zero.stage=2"])
+    with pytest.raises(CheckpointError, match="its global batch 12 does not split over them; resume on 3, 4, 6, 12"):
+        resolve_resume(cfg, 5)
