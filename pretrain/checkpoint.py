@@ -178,16 +178,27 @@ def ensure_universal(target: ResumeTarget, rank: int) -> None:
                lambda: (out / UNIVERSAL_DONE).is_file(), target.step_dir.parent, rank)
 
 
-def conversion_workers() -> int:
-    """One extract/merge worker per core this process may use (ds_to_universal's default is 4, ours was 1)."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
+def conversion_workers(step_dir: Path | None = None, cores: int | None = None, available: int | None = None) -> int:
+    """Extract/merge workers for ds_to_universal: one per core this process may use (its default is 4,
+    ours was 1), but no more than the memory holds: each extract worker loads one rank's optimizer
+    file (~3 GB per rank at 7B on 32 ranks), counted twice for the copies it makes."""
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not on Linux
+            cores = os.cpu_count() or 1
+    files = [f.stat().st_size for f in step_dir.glob("*optim_states.pt")] if step_dir is not None else []
+    if not files:
+        return max(1, cores)
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    return max(1, min(cores, int(0.8 * available) // (2 * max(files))))
 
 
 def _convert(target: ResumeTarget, out: Path) -> None:
-    workers = conversion_workers()
+    workers = conversion_workers(target.step_dir)
     print0(f"checkpoint {target.step_dir.name} was written by {target.state['world_size']} rank(s): "
            f"converting to DeepSpeed's universal format → {out.name} ({workers} workers)")
     if out.exists():

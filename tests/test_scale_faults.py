@@ -162,3 +162,16 @@ def test_a_resume_whose_global_batch_does_not_split_over_the_new_ranks_is_refuse
     cfg = load_config(PretrainConfig, TINY, [f"--run_dir={tmp_path}", "--zero.stage=2"])
     with pytest.raises(CheckpointError, match="its global batch 12 does not split over them; resume on 3, 4, 6, 12"):
         resolve_resume(cfg, 5)
+
+
+def test_conversion_workers_follow_the_cores_unless_memory_is_short(tmp_path):
+    from pretrain.checkpoint import conversion_workers
+
+    (tmp_path / "zero_pp_rank_0_mp_rank_00_optim_states.pt").write_bytes(b"x" * 1000)
+    assert conversion_workers(tmp_path, cores=64, available=10**9) == 64  # small files: one per core
+    # 7B on 32 ranks: ~3 GB per optimizer file; a node with 64 cores and 100 GB free runs 13, not 64
+    big = tmp_path / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    with open(big, "wb") as f:
+        f.truncate(3 * 10**9)  # sparse: no disk used
+    assert conversion_workers(tmp_path, cores=64, available=100 * 10**9) == 13
+    assert conversion_workers(tmp_path, cores=64, available=10**9) == 1
