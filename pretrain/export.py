@@ -55,17 +55,22 @@ def find_step(run_dir: Path, step: int | None) -> Path:
 
 
 def _is_zero_partitioned(step_dir: Path) -> bool:
-    """ZeRO-1/2/3 with DeepSpeed's ZeRO optimizer: the fp32 weights are partitioned over ``zero_pp_rank_*`` files.
-
-    Otherwise (ZeRO-0, and ZeRO-1 + bf16, whose DeepSpeed BF16_Optimizer writes ``bf16_zero_pp_rank_*``
-    optimizer files beside one ``mp_rank_00`` module file) the module states file holds the whole
-    model, in the training precision, and that is what is read.
+    """ZeRO-1/2/3: the fp32 master weights are partitioned over ``zero_pp_rank_*`` files (DeepSpeed's
+    ZeRO optimizer) or ``bf16_zero_pp_rank_*`` files (its BF16_Optimizer: ZeRO-1 + bf16 with fp32
+    gradient accumulation, pretrain/engine.py). Otherwise (ZeRO-0) the module states file holds the
+    whole model, in the training precision, and that is what is read.
     """
-    return any(step_dir.glob("*optim_states.pt")) and any(step_dir.glob("zero_pp_rank_*"))
+    return any(step_dir.glob("zero_pp_rank_*optim_states.pt")) or _is_bf16_optimizer(step_dir)
+
+
+def _is_bf16_optimizer(step_dir: Path) -> bool:
+    return any(step_dir.glob("bf16_zero_pp_rank_*optim_states.pt"))
 
 
 def fp32_state_dict(step_dir: Path) -> dict[str, torch.Tensor]:
     """Full fp32 weights from any ZeRO stage's checkpoint, on CPU, all in memory at once (small models)."""
+    if _is_bf16_optimizer(step_dir):  # DeepSpeed's zero_to_fp32 refuses these files ("not a zero checkpoint")
+        return {k: v.read(torch.float32) for k, v in lazy_weights(step_dir).items()}
     if _is_zero_partitioned(step_dir):
         from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
@@ -259,7 +264,7 @@ def _zero_weights(step_dir: Path) -> dict[str, LazyTensor]:
                               "load it with pretrain.export.fp32_state_dict")
     buffers = set(meta.objects[C.BUFFER_NAMES])
     weights = {k: _whole(v, meta) for k, v in meta.objects["module"].items() if k in buffers}
-    stage = int(optim[0].objects[C.OPTIMIZER_STATE_DICT][C.ZERO_STAGE])
+    stage = int(optim[0].objects[C.OPTIMIZER_STATE_DICT].get(C.ZERO_STAGE, 1))  # BF16_Optimizer records none: ZeRO-1
     read = _zero3_params if stage == 3 else _zero12_params
     weights.update(read(meta.objects[C.PARAM_SHAPES], optim, step_dir))
     for alias, source in meta.objects.get("shared_params", {}).items():  # tied weights are stored once

@@ -30,6 +30,8 @@ RUNS = {  # name → (processes, overrides): one step each, trained once per mod
     "zero0": (1, ("--zero.stage=0", "--precision=fp32", *WIDE)),
     "zero2-untied": (2, ("--zero.stage=2", "--precision=fp32", "--model.tie_embeddings=false", *WIDE)),
     "zero3-bf16-masked": (2, ("--zero.stage=3", "--precision=bf16", "--model.kind=masked")),
+    # bf16 at ZeRO-1 accumulates in fp32 through DeepSpeed's BF16_Optimizer: bf16_zero_pp_rank_* files
+    "zero1-bf16": (2, ("--zero.stage=1", "--precision=bf16")),
 }
 
 
@@ -160,3 +162,18 @@ def test_peak_memory_follows_the_largest_tensor_not_the_model(runs, tmp_path, na
     assert bound < model_bytes / 2  # a whole-model export grows by 2-4x the model (80-100 MiB measured here)
     growth = m["peak"] - m["start"]
     assert growth < bound, f"peak {growth / 2**20:.1f} MiB above the start for a {model_bytes / 2**20:.1f} MiB model"
+
+
+def test_a_zero1_bf16_checkpoint_exports_its_fp32_master_weights(runs, tmp_path):
+    # DeepSpeed's zero_to_fp32 refuses BF16_Optimizer files, and the module file holds only the bf16
+    # copy: an fp32 export (and a fine-tune's backbone) must still get the fp32 masters
+    from pretrain.export import export, fp32_state_dict
+
+    step_dir = _step_dir(runs["zero1-bf16"])
+    assert any(step_dir.glob("bf16_zero_pp_rank_*optim_states.pt"))
+    module = torch.load(next(step_dir.glob("mp_rank_00_model_states.pt")), weights_only=False)["module"]
+    masters = fp32_state_dict(step_dir)
+    got = _written(export(runs["zero1-bf16"], tmp_path / "hf", dtype="fp32"))
+    assert got.keys() <= masters.keys() and all(torch.equal(got[k], masters[k]) for k in got)
+    assert all(torch.equal(masters[k].to(torch.bfloat16), module[k].to(torch.bfloat16)) for k in module)
+    assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in got.values())  # not a bf16 copy
