@@ -259,12 +259,15 @@ def _zero_weights(step_dir: Path) -> dict[str, LazyTensor]:
     if len(optim) != world:
         raise CheckpointError(f"{step_dir} holds {len(optim)} optimizer partitions of the {world} it was saved "
                               "with; its save was incomplete, export another step")
-    if meta.objects.get(C.FROZEN_PARAM_SHAPES):
-        raise CheckpointError(f"{model_file} holds frozen parameters, which the streaming export does not read; "
-                              "load it with pretrain.export.fp32_state_dict")
-    buffers = set(meta.objects[C.BUFFER_NAMES])
-    weights = {k: _whole(v, meta) for k, v in meta.objects["module"].items() if k in buffers}
     stage = int(optim[0].objects[C.OPTIMIZER_STATE_DICT].get(C.ZERO_STAGE, 1))  # BF16_Optimizer records none: ZeRO-1
+    if stage == 3 and meta.objects.get(C.FROZEN_PARAM_SHAPES):
+        raise CheckpointError(f"{model_file} holds frozen ZeRO-3 parameters, which the streaming export does not read; "
+                              "load it with pretrain.export.fp32_state_dict")
+    # buffers; at ZeRO-1/2 also the frozen parameters, which no optimizer partition holds: they are never
+    # updated, so the module file's whole copy is theirs (BF16_Optimizer records no frozen_param_shapes)
+    trained = {k for group in meta.objects[C.PARAM_SHAPES] for k in group}
+    keep = set(meta.objects[C.BUFFER_NAMES]) | (set() if stage == 3 else set(meta.objects["module"]) - trained)
+    weights = {k: _whole(v, meta) for k, v in meta.objects["module"].items() if k in keep}
     read = _zero3_params if stage == 3 else _zero12_params
     weights.update(read(meta.objects[C.PARAM_SHAPES], optim, step_dir))
     for alias, source in meta.objects.get("shared_params", {}).items():  # tied weights are stored once

@@ -177,3 +177,19 @@ def test_a_zero1_bf16_checkpoint_exports_its_fp32_master_weights(runs, tmp_path)
     assert got.keys() <= masters.keys() and all(torch.equal(got[k], masters[k]) for k in got)
     assert all(torch.equal(masters[k].to(torch.bfloat16), module[k].to(torch.bfloat16)) for k in module)
     assert any(not torch.equal(t, t.to(torch.bfloat16).float()) for t in got.values())  # not a bf16 copy
+
+
+def test_a_frozen_zero1_bf16_fine_tune_from_it_exports(runs, tmp_path):
+    # the fine-tune's backbone comes from BF16_Optimizer files, and so does its own export, whose frozen
+    # layer no optimizer partition holds (it is read from the module file)
+    import finetune_data as fd
+    from conftest import run_stage
+
+    train = fd.classification(tmp_path / "train.csv", 60, 1)
+    run = tmp_path / "ft"
+    run_stage("finetune", ["configs/finetune/classify.yaml", f"--run_dir={run}", f"--init_from={runs['zero1-bf16']}",
+                           f"--data.train={train}", "--zero.stage=1", "--precision=bf16", "--transfer.freeze_layers=1",
+                           "--train.max_steps=2", "--task.max_seq_len=64", "--train.micro_batch_size=4"], nproc=2)
+    backbone, out = _written(run / "backbone"), _written(run / "export")
+    frozen = [k for k in backbone if ".layers.0." in k]
+    assert frozen and all(torch.equal(out[k].float(), backbone[k].to(torch.bfloat16).float()) for k in frozen)
