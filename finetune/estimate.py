@@ -124,7 +124,7 @@ def device_memory() -> int:
 
 def checkpoint_stage(cfg: FinetuneConfig) -> tuple[int, Path] | None:
     """The ZeRO stage of the checkpoint this run will resume from (``resume.mode``), if any."""
-    from pretrain.checkpoint import CKPT, is_complete, latest_checkpoint, read_state
+    from lmforge.rundir import CKPT, is_complete, latest_checkpoint, read_state
 
     if cfg.resume.mode == "none":
         return None

@@ -25,10 +25,10 @@ from torch import nn
 from finetune.config import FinetuneConfig
 from finetune.tasks import IGNORE, Task
 from lmforge.config import load_config
-from lmforge.errors import ConfigError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_write_text
 from lmforge.log import print0
-from pretrain.checkpoint import CKPT, STATE, CheckpointError, is_complete, latest_checkpoint, read_state
+from lmforge.rundir import CKPT, STATE, is_complete, latest_checkpoint, read_state
 from pretrain.config import ModelConfig, PretrainConfig
 from pretrain.dist import rank0_work
 

@@ -30,6 +30,7 @@ from lmforge.config import dump_yaml
 from lmforge.errors import ConfigError, DataError
 from lmforge.lock import lock_run_dir
 from lmforge.log import print0
+from lmforge.rundir import step_of
 from lmforge.versions import check_versions
 from pretrain.callbacks import MetricsLogger, ProgressBar, device_peak_flops, load_callbacks
 from pretrain.checkpoint import (
@@ -166,7 +167,7 @@ def finish(trainer: FinetuneTrainer) -> tuple[dict[str, Any], Path]:
     run_dir = Path(cfg.run_dir)
     best = best_checkpoint(run_dir)
     final = latest_checkpoint(run_dir)
-    if final is None or int(final.name[5:]) != trainer.state.step:
+    if final is None or step_of(final) != trainer.state.step:
         final = save(trainer, "final")
     chosen = run_dir / CKPT / best["tag"] if best else final
     if chosen != final:

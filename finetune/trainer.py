@@ -17,9 +17,8 @@ from tqdm import tqdm
 
 from finetune.data import Example
 from finetune.tasks import IGNORE, SFT, Task
-from lmforge.errors import ConfigError
+from lmforge.errors import CheckpointError, ConfigError
 from lmforge.log import progress_enabled
-from pretrain.checkpoint import CheckpointError
 from pretrain.trainer import Callback, Trainer
 
 
@@ -277,7 +276,7 @@ class BestCheckpoint(Callback):
         self.checkpointer = checkpointer
 
     def on_eval_end(self, trainer: FinetuneTrainer, metrics: dict[str, float]) -> None:
-        from pretrain.checkpoint import mark_best, step_tag
+        from lmforge.rundir import mark_best, step_tag
 
         if self.metric not in metrics:
             raise ConfigError(f"train.select_metric: '{self.metric}' is not among the validation metrics "

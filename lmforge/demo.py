@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from lmforge.rundir import CKPT, LATEST, latest_state
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -81,13 +83,13 @@ def main(argv: list[str] | None = None) -> int:
     title = f"pretrain `small` on {args.nproc} processes (ZeRO-2, {precision})"
     if _finished(run_dir, args.steps):
         print(f"\n==> {title}: {run_dir} already finished {args.steps} steps, re-used")
-    elif not (run_dir / "checkpoints" / "latest").exists():
+    elif not (run_dir / CKPT / LATEST).exists():
         times["pretrain (until killed)"] = _run_and_kill(title + " — killed after its first checkpoint", launcher + pre,
-                                                         env, run_dir / "checkpoints" / "latest")
+                                                         env, run_dir / CKPT / LATEST)
     if not _finished(run_dir, args.steps):
         times["pretrain (resumed)"] = _run("resume from the latest checkpoint and finish", launcher + pre, env)
     export_dir = run_dir / "export"
-    latest = run_dir / "checkpoints" / "latest"
+    latest = run_dir / CKPT / LATEST
     if (export_dir / "config.json").is_file() and export_dir.stat().st_mtime >= latest.stat().st_mtime:
         print(f"\n==> export: {export_dir} is up to date, re-used")
     else:
@@ -135,11 +137,8 @@ def _finetune_rt(out: Path, run_dir: Path, args, precision: str, env: dict[str, 
 
 
 def _finished(run_dir: Path, steps: int) -> bool:
-    latest = run_dir / "checkpoints" / "latest"
-    if not latest.is_file():
-        return False
-    state = run_dir / "checkpoints" / latest.read_text().strip() / "trainer_state.json"
-    return state.is_file() and json.loads(state.read_text())["step"] >= steps
+    state = latest_state(run_dir)
+    return state is not None and state["step"] >= steps
 
 
 def _run_and_kill(title: str, cmd: list[str], env: dict[str, str], marker: Path) -> float:

@@ -23,6 +23,10 @@ class DataError(LmforgeError):
     """Bad or missing input data, shards or tokenizer files."""
 
 
+class CheckpointError(LmforgeError):
+    """A checkpoint that cannot or must not be resumed from."""
+
+
 def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[str] | None = None) -> int:
     """Run ``main(argv)``; print an :class:`LmforgeError` as one line on stderr and return 2."""
     try:

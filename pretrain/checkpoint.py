@@ -1,4 +1,5 @@
-"""Sharded checkpoints: save, rotate, find, convert across world sizes, restore.
+"""Sharded checkpoints: save, rotate, convert across world sizes, restore (the directory format,
+finding and marking checkpoints live in :mod:`lmforge.rundir`).
 
 Layout (``RUN_DIR/checkpoints/``)::
 
@@ -13,7 +14,6 @@ A checkpoint without ``trainer_state.json`` (a save killed half-way) is never lo
 
 from __future__ import annotations
 
-import json
 import os
 import pickle
 import random
@@ -30,63 +30,30 @@ import torch
 import torch.distributed as dist
 
 import lmforge
-from data_pipeline.shards import atomic_write_text, fsync_dir
 from lmforge.config import to_dict
-from lmforge.errors import ConfigError, LmforgeError
+from lmforge.errors import CheckpointError, ConfigError
+from lmforge.io import atomic_write_text, fsync_dir
 from lmforge.log import print0
+from lmforge.rundir import (  # noqa: F401  (re-exported: the run-directory format lives in lmforge.rundir)
+    BEST,
+    CKPT,
+    LATEST,
+    STATE,
+    best_checkpoint,
+    complete_checkpoints,
+    has_checkpoints,
+    is_complete,
+    latest_checkpoint,
+    mark_best,
+    mark_complete,
+    read_state,
+    step_of,
+    step_tag,
+)
 from pretrain.config import PretrainConfig
 from pretrain.engine import reapply_group_hparams
 
-CKPT = "checkpoints"
-LATEST = "latest"
-BEST = "best"  # JSON {tag, metric, value, step}: the best checkpoint so far (fine-tuning), never rotated away
-STATE = "trainer_state.json"
 UNIVERSAL_DONE = "lmforge_universal_complete"
-
-
-class CheckpointError(LmforgeError):
-    """A checkpoint that cannot or must not be resumed from."""
-
-
-def step_tag(step: int) -> str:
-    return f"step_{step:08d}"
-
-
-def is_complete(step_dir: Path) -> bool:
-    return (step_dir / STATE).is_file()
-
-
-def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete step directories, oldest first."""
-    root = Path(run_dir) / CKPT
-    if not root.is_dir():
-        return []
-    dirs = [d for d in root.iterdir() if d.is_dir() and d.name.startswith("step_") and d.name[5:].isdigit()]
-    return sorted((d for d in dirs if is_complete(d)), key=lambda d: int(d.name[5:]))
-
-
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    """The checkpoint ``latest`` names; if it is unusable, the newest complete one (said aloud)."""
-    root = Path(run_dir) / CKPT
-    complete = complete_checkpoints(run_dir)
-    latest = root / LATEST
-    if latest.is_file():
-        target = root / latest.read_text().strip()
-        if is_complete(target):
-            newer = [d for d in root.glob("step_*") if d.is_dir() and not d.name.endswith("_universal")
-                     and d.name > target.name and not is_complete(d)]
-            for d in newer:
-                print0(f"ignoring incomplete checkpoint {d} (the save was interrupted); resuming from {target.name}")
-            return target
-        print0(f"{latest} names {target.name}, which is incomplete; falling back to the newest complete checkpoint")
-    return complete[-1] if complete else None
-
-
-def read_state(step_dir: Path) -> dict[str, Any]:
-    try:
-        return json.loads((step_dir / STATE).read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{step_dir / STATE} is unreadable ({e}); resume from another checkpoint") from None
 
 
 # ---------------------------------------------------------------- what to resume from
@@ -105,7 +72,7 @@ def resolve_resume(cfg: PretrainConfig, world_size: int) -> ResumeTarget | None:
     mode = cfg.resume.mode
     run_dir = Path(cfg.run_dir)
     if mode == "none":
-        if complete_checkpoints(run_dir) or (run_dir / CKPT / LATEST).exists():
+        if has_checkpoints(run_dir):
             raise ConfigError(
                 f"--resume=none but {run_dir} already holds checkpoints: use --resume=auto to continue it, "
                 "or another --run_dir"
@@ -279,8 +246,7 @@ def save(trainer, reason: str = "interval") -> Path:
             "reason": reason,
             "saved_at": time.time(),
         }
-        atomic_write_text(step_dir / STATE, json.dumps(state, indent=1))
-        atomic_write_text(root / LATEST, tag + "\n")
+        mark_complete(step_dir, state)
         rotate(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
     if dist.is_initialized():
         dist.barrier()
@@ -304,28 +270,11 @@ def rotate(root: Path, keep_last: int, keep_every: int) -> None:
         return
     best = best_checkpoint(root.parent)
     for d in complete[:-keep_last]:
-        step = int(d.name[5:])
+        step = step_of(d)
         if (keep_every and step % keep_every == 0) or (best is not None and d.name == best["tag"]):
             continue
         shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(d.parent / (d.name + "_universal"), ignore_errors=True)
-
-
-def best_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
-    """The record of the best checkpoint (``checkpoints/best``), if one was marked and is complete."""
-    f = Path(run_dir) / CKPT / BEST
-    if not f.is_file():
-        return None
-    try:
-        rec = json.loads(f.read_text())
-    except json.JSONDecodeError:
-        return None
-    return rec if is_complete(Path(run_dir) / CKPT / rec["tag"]) else None
-
-
-def mark_best(run_dir: str | Path, step_dir: Path, record: dict[str, Any]) -> None:
-    """Rank 0: name ``step_dir`` the best checkpoint (atomically)."""
-    atomic_write_text(Path(run_dir) / CKPT / BEST, json.dumps({"tag": step_dir.name, **record}, indent=1))
 
 
 # ---------------------------------------------------------------- restore

@@ -31,8 +31,8 @@ from typing import Any
 import torch
 
 from lmforge.config import load_config
-from lmforge.errors import ConfigError, run_cli
-from pretrain.checkpoint import CKPT, CheckpointError, is_complete, latest_checkpoint, read_state, step_tag
+from lmforge.errors import CheckpointError, ConfigError, run_cli
+from lmforge.rundir import CKPT, is_complete, latest_checkpoint, read_state, step_tag
 from pretrain.config import PretrainConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

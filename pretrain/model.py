@@ -209,7 +209,7 @@ def load_partitioned(module: torch.nn.Module, weights: Mapping[str, torch.Tensor
     import deepspeed
     import torch.distributed as dist
 
-    from pretrain.checkpoint import CheckpointError
+    from lmforge.errors import CheckpointError
 
     targets = module.state_dict(keep_vars=True)  # names → parameters/persistent buffers (tied ones twice)
     shapes = getattr(weights, "shapes", None) or {k: tuple(v.shape) for k, v in weights.items()}

@@ -39,6 +39,7 @@ import submitit
 
 from lmforge.config import load_config, split_cli
 from lmforge.errors import ConfigError, LmforgeError
+from lmforge.rundir import latest_state
 
 REPO = Path(__file__).resolve().parents[1]
 STAGES = {  # stage -> (module whose main(argv) runs it, its config class)
@@ -127,16 +128,6 @@ def read_records(run_dir: str | Path, name: str) -> list[dict[str, Any]]:
         except json.JSONDecodeError:
             continue  # a line cut by a crash
     return out
-
-
-def latest_state(run_dir: str | Path) -> dict[str, Any] | None:
-    """``trainer_state.json`` of the checkpoint ``checkpoints/latest`` names (the run-dir contract), or None."""
-    root = Path(run_dir) / "checkpoints"
-    try:
-        tag = (root / "latest").read_text().strip()
-        return {"tag": tag, **json.loads((root / tag / "trainer_state.json").read_text())}
-    except (OSError, json.JSONDecodeError):
-        return None
 
 
 def stopped_on_signal(run_dir: str | Path, before: dict[str, Any] | None) -> dict[str, Any] | None:

@@ -14,7 +14,8 @@ from pathlib import Path
 from typing import Any
 
 from lmforge.errors import ConfigError, run_cli
-from slurm.launch import latest_state, read_records
+from lmforge.rundir import latest_state
+from slurm.launch import read_records
 
 USAGE = __doc__.strip().splitlines()[0].split(" — ")[0].strip("`")
 
