@@ -58,7 +58,7 @@ class TaskSize:
 def count_task_model(cfg: FinetuneConfig, conf, task, kind: str) -> TaskSize:
     """Parameters of the module ``finetune.model.build_module`` would build, made on the meta device
     from the backbone's transformers config ``conf`` (no memory, no weights read)."""
-    from finetune.model import FinetuneModule, _new_lm_head, apply_freezing, base_of, task_model_class
+    from finetune.model import FinetuneModule, _new_lm_head, apply_freezing, task_model_class, tie_lm_head
 
     conf = copy.deepcopy(conf)
     if task.labels:
@@ -66,13 +66,8 @@ def count_task_model(cfg: FinetuneConfig, conf, task, kind: str) -> TaskSize:
     with torch.device("meta"):
         tm = task_model_class(task, kind)(conf)
         head = _new_lm_head(kind, conf) if cfg.transfer.aux_lm_weight else None
-    if head is not None:  # the ties of finetune.model._fill_lm_head, so a shared matrix counts once
-        base = base_of(tm)
-        if kind == "causal" and getattr(conf, "tie_word_embeddings", False):
-            head.weight = base.embed_tokens.weight
-        elif kind == "masked":
-            head.predictions.decoder.weight = base.embeddings.word_embeddings.weight
-            head.predictions.decoder.bias = head.predictions.bias
+    if head is not None and (kind == "masked" or getattr(conf, "tie_word_embeddings", False)):
+        tie_lm_head(head, tm, kind)  # as the real build ties it, so a shared matrix counts once
     module = FinetuneModule(task, tm, kind, cfg.transfer.aux_lm_weight, head)
     apply_freezing(module, cfg)
     params = list(module.parameters())
@@ -124,12 +119,10 @@ def device_memory() -> int:
 
 def checkpoint_stage(cfg: FinetuneConfig) -> tuple[int, Path] | None:
     """The ZeRO stage of the checkpoint this run will resume from (``resume.mode``), if any."""
-    from lmforge.rundir import CKPT, is_complete, latest_checkpoint, read_state
+    from lmforge.rundir import read_state
+    from pretrain.checkpoint import resume_step_dir
 
-    if cfg.resume.mode == "none":
-        return None
-    p = Path(cfg.run_dir if cfg.resume.mode == "auto" else cfg.resume.mode)
-    step = latest_checkpoint(p) if (p / CKPT).is_dir() else (p if is_complete(p) else None)
+    step = resume_step_dir(cfg.resume.mode, Path(cfg.run_dir))
     return (int(read_state(step)["zero_stage"]), step) if step is not None else None
 
 

@@ -328,10 +328,9 @@ def _fill_lm_head(head: nn.Module, tm: nn.Module, kind: str, conf, weights: HFWe
     """The pretrained LM head (tied to the input embeddings where the backbone ties them)."""
     from pretrain.model import load_state
 
-    base = base_of(tm)
     if kind == "causal":
         if getattr(conf, "tie_word_embeddings", False) or "lm_head.weight" not in weights:
-            head.weight = base.embed_tokens.weight
+            tie_lm_head(head, tm, kind)
         elif not cfg.transfer.random_init:
             load_state(head, weights.under("lm_head."))  # its "weight"
         return
@@ -339,8 +338,18 @@ def _fill_lm_head(head: nn.Module, tm: nn.Module, kind: str, conf, weights: HFWe
         missing, _ = load_state(head, weights.under("cls."))
         if [k for k in missing if k not in ("predictions.decoder.weight", "predictions.decoder.bias")]:
             raise CheckpointError(f"the backbone has no complete MLM head for aux_lm_weight (missing {missing[:3]})")
-    head.predictions.decoder.weight = base.embeddings.word_embeddings.weight  # tied, as in BertForMaskedLM
-    head.predictions.decoder.bias = head.predictions.bias
+    tie_lm_head(head, tm, kind)
+
+
+def tie_lm_head(head: nn.Module, tm: nn.Module, kind: str) -> None:
+    """Share the aux LM head's matrix with the input embeddings: causal where the backbone ties them,
+    masked always (with the head's own bias), as in BertForMaskedLM."""
+    base = base_of(tm)
+    if kind == "causal":
+        head.weight = base.embed_tokens.weight
+    else:
+        head.predictions.decoder.weight = base.embeddings.word_embeddings.weight
+        head.predictions.decoder.bias = head.predictions.bias
 
 
 def apply_freezing(module: FinetuneModule, cfg: FinetuneConfig) -> None:

@@ -68,6 +68,22 @@ class ResumeTarget:
         return self.step_dir.name + ("_universal" if self.universal else "")
 
 
+def resume_step_dir(mode: str, run_dir: Path) -> Path | None:
+    """The checkpoint ``--resume=MODE`` names: auto → the run's latest (None when it has none); a run dir
+    → its latest; a step dir → itself, if complete. ``none`` → None."""
+    if mode == "none":
+        return None
+    if mode == "auto":
+        return latest_checkpoint(run_dir)
+    p = Path(mode)
+    step_dir = latest_checkpoint(p) if (p / CKPT).is_dir() else p
+    if step_dir is None or not step_dir.is_dir():
+        raise ConfigError(f"--resume={mode}: no checkpoint there (give a run dir or a checkpoints/step_N dir)")
+    if not is_complete(step_dir):
+        raise CheckpointError(f"{step_dir} is incomplete (no {STATE}: its save was interrupted); pick another step")
+    return step_dir
+
+
 def resolve_resume(cfg: PretrainConfig, world_size: int) -> ResumeTarget | None:
     mode = cfg.resume.mode
     run_dir = Path(cfg.run_dir)
@@ -78,17 +94,9 @@ def resolve_resume(cfg: PretrainConfig, world_size: int) -> ResumeTarget | None:
                 "or another --run_dir"
             )
         return None
-    if mode == "auto":
-        step_dir = latest_checkpoint(run_dir)
-        if step_dir is None:
-            return None
-    else:
-        p = Path(mode)
-        step_dir = latest_checkpoint(p) if (p / CKPT).is_dir() else p
-        if step_dir is None or not step_dir.is_dir():
-            raise ConfigError(f"--resume={mode}: no checkpoint there (give a run dir or a checkpoints/step_N dir)")
-        if not is_complete(step_dir):
-            raise CheckpointError(f"{step_dir} is incomplete (no {STATE}: its save was interrupted); pick another step")
+    step_dir = resume_step_dir(mode, run_dir)
+    if step_dir is None:
+        return None
     state = read_state(step_dir)
     _check_compatible(cfg, state, step_dir)
     _keep_global_batch(cfg, state, step_dir, world_size)

@@ -82,8 +82,14 @@ def stage_env(**extra: str) -> dict[str, str]:
 
 
 def run_stage(module: str, args: list[str], nproc: int = 1, env: dict[str, str] | None = None, check: bool = True,
-              timeout: int = 600):
-    """``python -m MODULE`` (nproc=1) or ``torchrun --nproc_per_node N -m MODULE`` as a real subprocess."""
+              timeout: int = 600, nofile: int | None = None):
+    """``python -m MODULE`` (nproc=1) or ``torchrun --nproc_per_node N -m MODULE`` as a real subprocess.
+
+    ``nofile``: RLIMIT_NOFILE (soft and hard) of the run, as ``ulimit -n`` on a cluster. A run past
+    ``timeout`` is killed with all its ranks (its own process group), then the test fails.
+    """
+    import resource
+    import signal
     import subprocess
     import sys
 
@@ -92,7 +98,20 @@ def run_stage(module: str, args: list[str], nproc: int = 1, env: dict[str, str] 
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), "-m", module, *args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env or stage_env(), capture_output=True, text=True, timeout=timeout)
+
+    def limit() -> None:
+        if nofile is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, nofile))
+
+    popen = subprocess.Popen(cmd, cwd=REPO, env=env or stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, preexec_fn=limit, start_new_session=True)
+    try:
+        out, err = popen.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(popen.pid, signal.SIGKILL)  # the ranks too, not only torchrun
+        out, err = popen.communicate()
+        raise AssertionError(f"{' '.join(cmd)}: no exit after {timeout} s:\n{out[-3000:]}\n{err[-3000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, popen.returncode, out, err)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
@@ -150,8 +169,14 @@ def slowed_env(folder: Path, slow: dict[str, float], env: dict[str, str] | None 
     """``stage_env()`` whose processes sleep ``slow[key]`` seconds in ``module:function`` (or, for
     ``argv:MODULE``, at the start of ``python -m MODULE``): work made longer than a process-group
     timeout, the way a 7B conversion or export is, without a branch in lmforge's code."""
+    return site_env(folder, _SLOW_SITE.format(slow=slow), env)
+
+
+def site_env(folder: Path, code: str, env: dict[str, str] | None = None) -> dict[str, str]:
+    """``stage_env()`` whose Python processes run ``code`` at start-up (a ``sitecustomize`` in ``folder``):
+    how a test patches a condition it cannot create here (slow work, visible CUDA devices)."""
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "sitecustomize.py").write_text(_SLOW_SITE.format(slow=slow))
+    (folder / "sitecustomize.py").write_text(code)
     env = dict(env or stage_env())
     env["PYTHONPATH"] = os.pathsep.join([str(folder), env["PYTHONPATH"]])
     return env

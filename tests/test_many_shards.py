@@ -12,7 +12,6 @@ import json
 import os
 import resource
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
-from conftest import REPO, _free_port, read_scalars, stage_env
+from conftest import REPO, read_scalars, run_stage
 
 from data_pipeline.build import build_shards
 from data_pipeline.loader import ShardLoader, TokenStore, eval_batches
@@ -161,38 +160,17 @@ def test_start_up_raises_the_soft_open_file_limit_to_the_hard_one(soft, hard):
     assert out.split() == [str(soft), str(hard), str(hard), str(hard)]  # (old, new) returned, and in effect
 
 
-def _run_limited(args: list[str], timeout: int) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node 2 -m pretrain ARGS`` with RLIMIT_NOFILE = NOFILE (soft and hard)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
-           str(_free_port()), "-m", "pretrain", *args]
-
-    def limit() -> None:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (NOFILE, NOFILE))
-
-    proc = subprocess.Popen(cmd, cwd=REPO, env=stage_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, preexec_fn=limit, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the ranks too, not only torchrun
-        out, err = proc.communicate()
-        raise AssertionError(f"no exit after {timeout} s under ulimit -n {NOFILE}:\n{out[-3000:]}\n{err[-3000:]}") from None
-    if proc.returncode != 0:
-        raise AssertionError(f"failed ({proc.returncode}) under ulimit -n {NOFILE}:\n{out[-3000:]}\n{err[-6000:]}")
-    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
-
-
 def test_two_rank_run_over_3000_shards_under_ulimit_256(many_shards, tmp_path):
     seq, global_batch = 64, 160
     probe = ShardLoader(many_shards, seq, global_batch)
     steps = -(-probe.samples_per_epoch // global_batch)  # one full epoch: every window, so every shard
     run_dir = tmp_path / "run"
-    _run_limited([
+    run_stage("pretrain", [
         "configs/pretrain/tiny.yaml", f"--run_dir={run_dir}", f"--data.shards=[{many_shards}]", f"--data.seq_len={seq}",
         f"--train.global_batch_size={global_batch}", f"--train.micro_batch_size={global_batch // 2}",
         f"--train.max_steps={steps}", "--train.eval_every=0", f"--train.eval_samples={global_batch}",
         "--train.log_every=1", "--optim.warmup_steps=2", "--model.num_layers=1",
-    ], timeout=300)
+    ], nproc=2, nofile=NOFILE, timeout=300)
     ckpt = run_dir / "checkpoints" / f"step_{steps:08d}"
     state = json.loads((ckpt / "trainer_state.json").read_text())
     cursor = state["loader"]["cursor"]

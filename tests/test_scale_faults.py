@@ -11,7 +11,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import run_stage, stage_env
+from conftest import run_stage, site_env, stage_env
 
 from lmforge.errors import LmforgeError
 
@@ -54,13 +54,10 @@ def test_cpu_accelerator_is_refused_where_cuda_is_visible():
 
 def test_a_gpu_job_with_an_inherited_cpu_accelerator_stops_with_one_line(tmp_path, shards_dir):
     # CUDA "visible" (torch patched at interpreter start-up) and DS_ACCELERATOR=cpu inherited from a shell
-    site = tmp_path / "site"
-    site.mkdir()
-    (site / "sitecustomize.py").write_text(
-        "import torch\ntorch.cuda.is_available = lambda: True\ntorch.cuda.device_count = lambda: 8\n")
     env = stage_env()
     env.pop("LMFORGE_ACCELERATOR")
-    env["PYTHONPATH"] = os.pathsep.join([str(site), env["PYTHONPATH"]])
+    env = site_env(tmp_path / "site", "import torch\ntorch.cuda.is_available = lambda: True\n"
+                   "torch.cuda.device_count = lambda: 8\n", env)
     proc = run_stage("pretrain", _args(tmp_path / "run", shards_dir, "--train.max_steps=2"), env=env, check=False)
     assert proc.returncode == 2, proc.stderr[-2000:]
     last = proc.stderr.strip().splitlines()[-1]
