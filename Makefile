@@ -33,7 +33,7 @@ test: setup
 	DS_ACCELERATOR=cpu LMFORGE_ACCELERATOR=cpu $(PY) -m pytest -q tests $(PYTEST_ARGS)
 
 demo: setup
-	$(PY) -m lmforge.demo
+	$(PY) -m demo
 
 # All benchmarks, then bench/REPORT.md; `make bench BENCH_ARGS=--quick` for a smoke run, `--only NAME` for one.
 bench: setup

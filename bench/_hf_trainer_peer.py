@@ -29,16 +29,17 @@ def main() -> None:
     from transformers import Trainer, TrainerCallback, TrainingArguments
 
     from bench._train_common import WindowDataset
-    from pretrain.cli import parse_args, shard_tokenizer
-    from pretrain.engine import batch_plan, ds_config
+    from pretrain.cli import parse_args
+    from pretrain.engine import EngineSpec, batch_plan, ds_config
     from pretrain.model import build_model
+    from pretrain.objective import shard_tokenizer
 
     cfg, _, _ = parse_args(rest)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     plan = batch_plan(cfg, world)
-    conf = ds_config(cfg, plan)
+    conf = ds_config(EngineSpec.of(cfg), plan)
     conf_sent = json.loads(json.dumps(conf))  # HF edits the dict it is given; keep what we passed
-    tok = shard_tokenizer(cfg)
+    tok = shard_tokenizer(cfg.data.shards, cfg.model.vocab_size)
     torch.manual_seed(cfg.train.seed)  # as pretrain.run.build: identical initial weights
     model = build_model(cfg.model, tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     steps = cfg.train.max_steps

@@ -17,7 +17,7 @@ import torch.distributed as dist
 from lmforge.config import load_config
 from pretrain.config import PretrainConfig
 from pretrain.dist import init_distributed
-from pretrain.engine import ds_config, param_numel, plan_batches
+from pretrain.engine import EngineSpec, ds_config, param_numel, plan_batches
 from pretrain.model import build_model, build_model_partitioned
 
 
@@ -33,7 +33,7 @@ def main() -> None:
     if mode == "whole":
         n = sum(p.numel() for p in build_model(cfg.model, vocab).parameters())
     elif mode == "partitioned":
-        conf = ds_config(cfg, plan_batches(1, None, info.world_size, cfg.data.seq_len))
+        conf = ds_config(EngineSpec.of(cfg), plan_batches(1, None, info.world_size, cfg.data.seq_len))
         n = sum(param_numel(p) for p in build_model_partitioned(cfg.model, vocab, conf).parameters())
     dist.barrier()
     seconds = time.perf_counter() - t0

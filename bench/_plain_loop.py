@@ -31,9 +31,10 @@ def main() -> None:
     from torch.nn.parallel import DistributedDataParallel as DDP
 
     from bench._train_common import WindowDataset
-    from pretrain.cli import parse_args, shard_tokenizer
+    from pretrain.cli import parse_args
     from pretrain.engine import batch_plan, group_hparams, lr_schedule
     from pretrain.model import build_model
+    from pretrain.objective import shard_tokenizer
 
     cfg, _, _ = parse_args(rest)
     if cfg.precision != "fp32":
@@ -41,20 +42,20 @@ def main() -> None:
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
     plan = batch_plan(cfg, world)
-    tok = shard_tokenizer(cfg)
+    tok = shard_tokenizer(cfg.data.shards, cfg.model.vocab_size)
     torch.manual_seed(cfg.train.seed)
     model = build_model(cfg.model, tok.vocab_size, bos_id=tok.bos_id, eos_id=tok.eos_id, pad_id=tok.pad_id)
     model.train()
     ddp = DDP(model)
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay, no_decay = group_hparams(cfg)
+    decay, no_decay = group_hparams(cfg.optim)
     o = cfg.optim
     opt = torch.optim.AdamW(
         [{"params": [p for p in trainable if p.ndim >= 2], **decay},
          {"params": [p for p in trainable if p.ndim < 2], **no_decay}],
         lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps,
     )
-    sched = lr_schedule(opt, cfg)
+    sched = lr_schedule(opt, cfg.optim, cfg.train.max_steps)
     steps, micro, accum = cfg.train.max_steps, plan.micro_batch_per_rank, plan.grad_accum_steps
     data = WindowDataset(cfg.data.shards, cfg.data.seq_len, cfg.data.seed, steps * plan.global_batch)
 

@@ -178,8 +178,7 @@ def check(name: str, what: str, r: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- TensorBoard
 def tb_scalars(run_dir: Path, tag: str) -> list[tuple[float, int, float]]:
     """(wall_time, step, value) of one scalar, sorted by step."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from lmforge.tensorboard import read_scalars, tensorboard_dir
 
-    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
-    acc.Reload()
-    return sorted(((e.wall_time, e.step, e.value) for e in acc.Scalars(tag)), key=lambda t: t[1])
+    points = read_scalars(tensorboard_dir(run_dir), tags=[tag], wall_time=True)[tag]
+    return sorted(((w, s, v) for s, v, w in points), key=lambda t: t[1])

@@ -37,6 +37,7 @@ from typing import Any
 
 from bench._train_common import SCRATCH, check, ensure_shards, load_average, log, run_tree, torchrun
 from bench.common import bench_command, emit, print_table, record
+from lmforge.rundir import checkpoint_dir, checkpoints_dir
 
 NAME = "checkpoint"
 MB = 1 << 20
@@ -119,11 +120,12 @@ def driver(nproc: int, out: Path, args: list[str]) -> tuple[dict[str, Any], dict
 
 
 def params_of(args: list[str]) -> int:
-    from pretrain.cli import parse_args, shard_tokenizer
+    from pretrain.cli import parse_args
     from pretrain.model import build_model, count_params
+    from pretrain.objective import shard_tokenizer
 
     cfg, _, _ = parse_args(args)
-    return count_params(build_model(cfg.model, shard_tokenizer(cfg).vocab_size, device="meta"))
+    return count_params(build_model(cfg.model, shard_tokenizer(cfg.data.shards, cfg.model.vocab_size).vocab_size, device="meta"))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -154,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     # 2. the same bytes, raw, same folder
     per_rank = [json.loads(f.read_text())["torch_save"] for f in sorted(scratch.glob("save.json.rank*"))]
     rank_sizes = [w["bytes"] // len(saves) for w in per_rank]  # what each rank writes per save
-    raw = raw_writes(run_dir / "checkpoints", best["bytes"], rank_sizes)
+    raw = raw_writes(checkpoints_dir(run_dir), best["bytes"], rank_sizes)
     loads["after_save"] = load_average()
 
     # 3. resume on the same world size, one more step
@@ -163,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     loads["after_load"] = load_average()
 
     # 4. resume the same checkpoint on 1 rank (global batch kept: accumulation 2)
-    latest = run_dir / "checkpoints" / saves[-1]["step_dir"]
+    latest = checkpoint_dir(run_dir, saves[-1]["step_dir"])
     uni_args = train_args(scratch / "run1", shards, a.quick, 3, [f"--resume={latest}"])
     r_uni, t_uni = driver(1, scratch / "universal.json", uni_args)
     loads["after_universal"] = load_average()

@@ -31,6 +31,7 @@ from pathlib import Path
 
 from bench._train_common import SCRATCH, VOCAB, check, ensure_shards, free_port, load_average, log, run_tree
 from bench.common import CACHE_DIR, bench_command, emit, print_table, record
+from lmforge.rundir import latest_checkpoint, latest_file
 
 NAME = "export_memory"
 MB = 2**20
@@ -61,7 +62,7 @@ def whole_model_export(run_dir: Path, out: Path, dtype: str) -> None:
     import torch
 
     from lmforge.config import load_config
-    from pretrain.checkpoint import read_state
+    from lmforge.rundir import read_state
     from pretrain.config import PretrainConfig
     from pretrain.export import build_hf_model, find_step, fp32_state_dict, load_weights
 
@@ -94,7 +95,7 @@ def export_main(mode: str, run_dir: str, out: str) -> int:
 def checkpoint_run(preset: str, case: str, shards: Path) -> Path:
     """A bf16 run of ``preset`` with one checkpoint at step 0, saved by ``CASES[case]`` processes (cached)."""
     run = CACHE_DIR / f"{NAME}-{Path(preset).stem}-{case}"
-    if (run / "checkpoints" / "latest").is_file():
+    if latest_file(run).is_file():
         return run
     shutil.rmtree(run, ignore_errors=True)
     nproc = CASES[case]
@@ -135,7 +136,7 @@ def measure_case(run: Path, case: str) -> dict[str, dict]:
 
 
 def records(preset: str, case: str, run: Path, res: dict[str, dict]) -> list[dict]:
-    ckpt = max((run / "checkpoints").glob("step_*"))
+    ckpt = latest_checkpoint(run)
     common = {"preset": preset, "vocab_size": VOCAB, "zero_stage": int(case[-1]), "saved_by_processes": CASES[case],
               "precision": "bf16", "checkpoint_mb": round(sum(f.stat().st_size for f in ckpt.iterdir()) / MB, 1)}
     floor = res["floor"]["peak_rss_mb_per_proc"]

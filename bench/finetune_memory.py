@@ -46,6 +46,7 @@ from bench._train_common import (
     run_tree,
 )
 from bench.common import CACHE_DIR, bench_command, emit, print_table, record
+from lmforge.rundir import latest_file
 
 NAME = "finetune_memory"
 WORLD = 2
@@ -93,6 +94,7 @@ def probe_main(out: str, finetune_args: list[str]) -> int:
 
     import finetune.run as fr
     import pretrain.checkpoint as ckpt
+    import pretrain.runtime as runtime
     from finetune.cli import main as finetune_main
 
     marks: list[tuple[str, float, float]] = [("imports", *_status_mb())]
@@ -111,10 +113,10 @@ def probe_main(out: str, finetune_args: list[str]) -> int:
         engine.step = after(engine.step, "optimizer step")
         return engine
 
-    fr_build_engine = fr.build_engine
+    fr_build_engine = runtime.build_engine
     fr.resolve_backbone = after(fr.resolve_backbone, "backbone ready (rank 0: merged)")
     fr.build_module = after(fr.build_module, "task model built + loaded")
-    fr.build_engine = engine_built
+    runtime.build_engine = engine_built  # the shared runtime builds the engine of both stages
     ckpt.save = after(ckpt.save, "checkpoint saved")
     rc = finetune_main(finetune_args)
     marks.append(("end", *_status_mb()))
@@ -125,7 +127,7 @@ def probe_main(out: str, finetune_args: list[str]) -> int:
 def pretrained_run(preset: str, shards: Path) -> Path:
     """A one-step ZeRO-3 pretraining run on 2 ranks (its checkpoint is partitioned), made once."""
     run = CACHE_DIR / f"{NAME}-{Path(preset).stem}-zero3"
-    if (run / "checkpoints" / "latest").is_file():
+    if latest_file(run).is_file():
         return run
     shutil.rmtree(run, ignore_errors=True)
     log(NAME, f"pretraining {preset} for 1 step, ZeRO-3 on {WORLD} ranks → {run} (once)")

@@ -100,14 +100,15 @@ def throughput(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[
     import torch
 
     from pretrain.callbacks import measured_cpu_flops
-    from pretrain.cli import parse_args, shard_tokenizer
-    from pretrain.engine import batch_plan, ds_config
+    from pretrain.cli import parse_args
+    from pretrain.engine import EngineSpec, batch_plan, ds_config
     from pretrain.model import flops_per_token
+    from pretrain.objective import shard_tokenizer
 
     base = train_args(scratch / "x", shards, a, a.steps, ["--zero.stage=2"])  # the config the figures are about
     cfg, _, _ = parse_args(base)
     plan = batch_plan(cfg, WORLD)
-    vocab = shard_tokenizer(cfg).vocab_size
+    vocab = shard_tokenizer(cfg.data.shards, cfg.model.vocab_size).vocab_size
     fpt = flops_per_token(cfg.model, vocab, cfg.data.seq_len)
     n_params = n_params_of(base)
     torch.set_num_threads(1)
@@ -146,7 +147,7 @@ def throughput(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[
         "seq_len": cfg.data.seq_len, "micro_batch_per_rank": plan.micro_batch_per_rank,
         "tokens_per_step": plan.tokens_per_step, "steps": a.steps, "warmup_steps_skipped": a.warmup,
         "rounds": a.repeats, "figure": "best round", "threads_per_process": 1, "load_avg_1_5_15_per_round": loads,
-        "ds_config": ds_config(cfg, plan),
+        "ds_config": ds_config(EngineSpec.of(cfg), plan),
     }
     cmd_ours = "torchrun --nproc_per_node 2 -m pretrain " + " ".join(train_args(Path("RUN"), shards, a, a.steps)) \
         + " --zero.stage=2"
@@ -214,11 +215,12 @@ def scaling(best: dict[str, dict[str, Any]], runs: dict[str, list[dict[str, Any]
 
 
 def n_params_of(args: list[str]) -> int:
-    from pretrain.cli import parse_args, shard_tokenizer
+    from pretrain.cli import parse_args
     from pretrain.model import build_model, count_params
+    from pretrain.objective import shard_tokenizer
 
     cfg, _, _ = parse_args(args)
-    return count_params(build_model(cfg.model, shard_tokenizer(cfg).vocab_size, device="meta"))
+    return count_params(build_model(cfg.model, shard_tokenizer(cfg.data.shards, cfg.model.vocab_size).vocab_size, device="meta"))
 
 
 def memory(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[str, Any]]:

@@ -32,15 +32,13 @@ from data_pipeline.shards import (
     FORMAT,
     FORMAT_VERSION,
     MANIFEST,
-    atomic_write_bytes,
-    atomic_write_text,
     dtype_for_vocab,
-    fsync_dir,
     manifest_fingerprint,
     sha256_file,
 )
 from data_pipeline.tokenizer import Tokenizer
 from lmforge.errors import DataError
+from lmforge.io import atomic_write_bytes, atomic_write_text, fsync_dir
 from lmforge.log import progress_enabled
 
 PROGRESS = "progress.json"

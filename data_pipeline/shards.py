@@ -25,7 +25,6 @@ from typing import Any
 import numpy as np
 
 from lmforge.errors import DataError
-from lmforge.io import atomic_write_bytes, atomic_write_text, fsync_dir  # noqa: F401  (re-exported)
 
 FORMAT = "lmforge-shards"
 FORMAT_VERSION = 1

@@ -26,7 +26,6 @@ import json
 import os
 import random
 import re
-import shutil
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -35,6 +34,7 @@ from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from lmforge.errors import ConfigError, DataError
+from lmforge.io import atomic_copy, atomic_write_bytes, atomic_write_text
 from lmforge.log import print0
 
 SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}  # ids 0, 1, 2, 3
@@ -152,7 +152,7 @@ def train_tokenizer(
     _finalize_scores(proto)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / MODEL_FILE, proto.SerializeToString())
+    atomic_write_bytes(out / MODEL_FILE, proto.SerializeToString())
     tok = Tokenizer.load(out)
     tok.save(out)
     return tok
@@ -323,9 +323,7 @@ class Tokenizer:
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         if not (out / MODEL_FILE).exists() or not os.path.samefile(out / MODEL_FILE, self.model_path):
-            tmp = out / (MODEL_FILE + ".tmp")
-            shutil.copyfile(self.model_path, tmp)
-            os.replace(tmp, out / MODEL_FILE)
+            atomic_copy(self.model_path, out / MODEL_FILE)
         _write_hf_files(self._proto, out)
 
 
@@ -417,14 +415,6 @@ def _write_hf_files(proto: model_pb2.ModelProto, out: Path) -> None:
         "add_bos_token": False,
         "add_eos_token": False,
     }
-    tmp = out / "tokenizer.json.tmp"
-    _hf_tokenizer(proto).save(str(tmp))
-    os.replace(tmp, out / "tokenizer.json")
-    _atomic_write(out / "tokenizer_config.json", (json.dumps(config, indent=2) + "\n").encode())
-    _atomic_write(out / "special_tokens_map.json", (json.dumps(specials, indent=2) + "\n").encode())
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
+    atomic_write_text(out / "tokenizer.json", _hf_tokenizer(proto).to_str(pretty=True))
+    atomic_write_text(out / "tokenizer_config.json", json.dumps(config, indent=2) + "\n")
+    atomic_write_text(out / "special_tokens_map.json", json.dumps(specials, indent=2) + "\n")

@@ -94,9 +94,6 @@ class FinetuneTrainConfig:
     max_skipped_steps: int = 10
     exit_interval: int = 0
     progress: bool | None = None
-    # read by the shared trainer; fine-tuning counts examples, not tokens
-    max_tokens: int | None = None
-    eval_samples: int = 0
 
 
 @dataclass

@@ -26,9 +26,18 @@ from finetune.config import FinetuneConfig
 from finetune.tasks import IGNORE, Task
 from lmforge.config import load_config
 from lmforge.errors import CheckpointError, ConfigError
-from lmforge.io import atomic_write_text
+from lmforge.io import atomic_write_text, staged_dir
 from lmforge.log import print0
-from lmforge.rundir import CKPT, STATE, is_complete, latest_checkpoint, read_state
+from lmforge.rundir import (
+    checkpoints_dir,
+    is_complete,
+    is_run_dir,
+    is_step_dir,
+    latest_checkpoint,
+    read_state,
+    run_dir_of,
+    state_file,
+)
 from pretrain.config import ModelConfig, PretrainConfig
 from pretrain.dist import rank0_work
 
@@ -55,14 +64,15 @@ def find_checkpoint(init_from: str) -> Path | None:
         raise ConfigError(f"init_from: {p} does not exist; give a pretrain run dir, a checkpoints/step_N dir or an HF export")
     if _is_hf_dir(p):
         return None
-    if (p / CKPT).is_dir():
+    if is_run_dir(p):
         step = latest_checkpoint(p)
         if step is None:
-            raise CheckpointError(f"init_from: {p} has no complete checkpoint under {CKPT}/; pretrain first")
+            raise CheckpointError(f"init_from: {p} has no complete checkpoint in {checkpoints_dir(p)}; pretrain first")
         return step
-    if (p / STATE).is_file() or p.name.startswith("step_"):
+    if is_step_dir(p):
         if not is_complete(p):
-            raise CheckpointError(f"init_from: {p} is incomplete (no {STATE}: its save was interrupted); pick another step")
+            raise CheckpointError(f"init_from: {p} is incomplete (no {state_file(p).name}: its save was interrupted); "
+                                  "pick another step")
         return p
     raise ConfigError(f"init_from: {p} is neither a pretrain run dir, a checkpoint step dir nor a Hugging Face "
                       "directory (config.json + *.safetensors)")
@@ -74,7 +84,7 @@ def resolve_backbone(cfg: FinetuneConfig, rank: int) -> Backbone:
     if step_dir is None:
         hf_dir = Path(cfg.init_from)
         return Backbone(hf_dir, model_config_from_hf(hf_dir), {"hf_dir": str(hf_dir.resolve())})
-    pre_run = step_dir.parent.parent
+    pre_run = run_dir_of(step_dir)
     state = read_state(step_dir)
     source = {"run_dir": str(pre_run.resolve()), "step": state["step"], "world_size": state["world_size"],
               "zero_stage": state["zero_stage"], "saved_at": state["saved_at"]}
@@ -419,14 +429,9 @@ def export_task_model(state_dict: dict[str, torch.Tensor], task: Task, backbone:
     tm = task_model_class(task, backbone.model.kind)(conf)
     sd = {k[len("task_model."):]: v for k, v in state_dict.items() if k.startswith("task_model.")}
     load_weights(tm, sd, out)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tm.save_pretrained(tmp, safe_serialization=True)
-    if (backbone.hf_dir / "generation_config.json").is_file() and task.name == "sft":
-        shutil.copy(backbone.hf_dir / "generation_config.json", tmp / "generation_config.json")
-    tok.save(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    with staged_dir(out) as tmp:  # a reader never sees a half-written export
+        tm.save_pretrained(tmp, safe_serialization=True)
+        if (backbone.hf_dir / "generation_config.json").is_file() and task.name == "sft":
+            shutil.copy(backbone.hf_dir / "generation_config.json", tmp / "generation_config.json")
+        tok.save(tmp)
     return out

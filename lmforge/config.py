@@ -8,6 +8,10 @@ Unknown keys and values of the wrong type are :class:`ConfigError`s that name th
 
 A field's comment in the dataclass is its documentation; ``field_docs`` is not needed because the
 resolved config is printed as YAML with the same names.
+
+A stage resolves its config once at start-up (``auto`` precision and ZeRO stage, a resumed run's
+global batch, fine-tuning's step count: :func:`resolved` makes the changed copy), then :func:`freeze`
+makes it read-only: nothing that runs later can change what ``config.yaml`` and the checkpoints record.
 """
 
 from __future__ import annotations
@@ -291,3 +295,41 @@ __all__ = [
     "split_cli",
     "to_dict",
 ]
+
+
+def resolved(cfg: T, changes: dict[str, Any]) -> T:
+    """A copy of ``cfg`` with dotted keys set (``{"train.max_steps": 10}``), validated like a loaded config;
+    ``cfg`` itself is not touched (and may be frozen)."""
+    data = to_dict(cfg)
+    for dotted, value in changes.items():
+        _set_dotted(data, dotted, to_dict(value) if dataclasses.is_dataclass(value) else value)
+    return from_dict(getattr(type(cfg), "_lmforge_thawed", type(cfg)), data)
+
+
+def _refuse_change(self, name: str, value: Any = None) -> None:
+    raise ConfigError(f"the config is frozen after start-up: {type(self).__name__}.{name} cannot change "
+                      "(a stage resolves its config once, before freeze(); use resolved() for a changed copy)")
+
+
+_FROZEN: dict[type, type] = {}
+
+
+def freeze(cfg: T) -> T:
+    """Make ``cfg`` and every section in it read-only, in place (assigning a field raises
+    :class:`ConfigError`); returns it. Reading, ``to_dict``, ``dump_yaml`` and :func:`resolved` work as before."""
+    for f in dataclasses.fields(cfg):
+        v = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(v):
+            freeze(v)
+    cls = type(cfg)
+    if not getattr(cls, "_lmforge_thawed", None):
+        if cls not in _FROZEN:
+            _FROZEN[cls] = type(cls.__name__, (cls,), {"__setattr__": _refuse_change, "__delattr__": _refuse_change,
+                                                        "_lmforge_thawed": cls, "__module__": cls.__module__,
+                                                        "__qualname__": cls.__qualname__})
+        object.__setattr__(cfg, "__class__", _FROZEN[cls])
+    return cfg
+
+
+def is_frozen(cfg: Any) -> bool:
+    return bool(getattr(type(cfg), "_lmforge_thawed", None))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 
@@ -29,3 +31,40 @@ def fsync_dir(path: str | Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def atomic_copy(src: str | Path, dst: str | Path) -> None:
+    """Copy ``src`` to ``dst`` through a temp name, fsynced: ``dst`` is the old file or the whole new one."""
+    import shutil
+
+    dst = Path(dst)
+    tmp = dst.with_name(dst.name + ".tmp")
+    shutil.copyfile(src, tmp)
+    with open(tmp, "rb") as f:
+        os.fsync(f.fileno())
+    os.replace(tmp, dst)
+    fsync_dir(dst.parent)
+
+
+@contextmanager
+def staged_dir(out: str | Path) -> Iterator[Path]:
+    """Write a whole directory at once: yields ``OUT.tmp`` (emptied first) to fill; when the block ends
+    without an error, its files are fsynced and it replaces ``out``. A reader never sees a half-written
+    ``out``; a failure leaves the old one (and the partial ``OUT.tmp``, replaced by the next attempt)."""
+    import shutil
+
+    out = Path(out)
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    yield tmp
+    for f in tmp.rglob("*"):
+        if f.is_file():
+            with open(f, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(tmp)
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    fsync_dir(out.parent)

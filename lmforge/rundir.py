@@ -40,8 +40,51 @@ def step_of(path: str | Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def checkpoints_dir(run_dir: str | Path) -> Path:
+    """``RUN_DIR/checkpoints``: the folder every checkpoint of a run lives in (it may not exist yet)."""
+    return Path(run_dir) / CKPT
+
+
+def checkpoint_dir(run_dir: str | Path, step_or_tag: int | str) -> Path:
+    """One checkpoint's directory: ``checkpoint_dir(run, 100)`` and ``checkpoint_dir(run, "step_00000100")``
+    are both ``RUN_DIR/checkpoints/step_00000100`` (complete or not, existing or not)."""
+    tag = step_tag(step_or_tag) if isinstance(step_or_tag, int) else step_or_tag
+    return checkpoints_dir(run_dir) / tag
+
+
+def latest_file(run_dir: str | Path) -> Path:
+    """``RUN_DIR/checkpoints/latest``, the file naming the newest complete checkpoint. It appears once the
+    first checkpoint is complete and is replaced (atomically) by every later one: something to wait for
+    or to compare modification times with. To read it, use :func:`latest_checkpoint` or :func:`latest_state`."""
+    return checkpoints_dir(run_dir) / LATEST
+
+
+def is_run_dir(path: str | Path) -> bool:
+    """Whether ``path`` is a run directory that has started checkpointing (it holds a ``checkpoints`` folder)."""
+    return checkpoints_dir(path).is_dir()
+
+
+def is_step_dir(path: str | Path) -> bool:
+    """Whether ``path`` is (or claims to be) one checkpoint's directory: named ``step_…`` or holding the
+    trainer state. It may still be incomplete: check :func:`is_complete` before loading it."""
+    p = Path(path)
+    return _TAG.match(p.name) is not None or state_file(p).is_file()
+
+
+def state_file(step_dir: str | Path) -> Path:
+    """``step_N/trainer_state.json``: the checkpoint's trainer state, written last (its completeness marker).
+    Read it with :func:`read_state`; name it in messages as ``state_file(d).name``."""
+    return Path(step_dir) / STATE
+
+
+def run_dir_of(step_dir: str | Path) -> Path:
+    """The run directory a checkpoint directory belongs to (``RUN_DIR/checkpoints/step_N`` → ``RUN_DIR``)."""
+    return Path(step_dir).parent.parent
+
+
 def is_complete(step_dir: Path) -> bool:
-    return (step_dir / STATE).is_file()
+    """Whether the checkpoint's completeness marker (its trainer state, written last) is there."""
+    return state_file(step_dir).is_file()
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:

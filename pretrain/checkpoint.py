@@ -35,14 +35,12 @@ from lmforge.errors import CheckpointError, ConfigError
 from lmforge.io import atomic_write_text, fsync_dir
 from lmforge.log import print0
 from lmforge.rundir import (  # noqa: F401  (re-exported: the run-directory format lives in lmforge.rundir)
-    BEST,
-    CKPT,
-    LATEST,
-    STATE,
     best_checkpoint,
+    checkpoints_dir,
     complete_checkpoints,
     has_checkpoints,
     is_complete,
+    is_run_dir,
     latest_checkpoint,
     mark_best,
     mark_complete,
@@ -50,8 +48,9 @@ from lmforge.rundir import (  # noqa: F401  (re-exported: the run-directory form
     step_of,
     step_tag,
 )
-from pretrain.config import PretrainConfig
+from pretrain.config import CheckpointConfig
 from pretrain.engine import reapply_group_hparams
+from pretrain.trainer import Callback
 
 UNIVERSAL_DONE = "lmforge_universal_complete"
 
@@ -62,6 +61,7 @@ class ResumeTarget:
     step_dir: Path
     state: dict[str, Any]
     universal: bool  # saved by another number of ranks: load DeepSpeed's universal format
+    global_batch: int | None = None  # the global batch the resumed run uses (the checkpoint's unless set)
 
     @property
     def load_tag(self) -> str:
@@ -76,15 +76,17 @@ def resume_step_dir(mode: str, run_dir: Path) -> Path | None:
     if mode == "auto":
         return latest_checkpoint(run_dir)
     p = Path(mode)
-    step_dir = latest_checkpoint(p) if (p / CKPT).is_dir() else p
+    step_dir = latest_checkpoint(p) if is_run_dir(p) else p
     if step_dir is None or not step_dir.is_dir():
         raise ConfigError(f"--resume={mode}: no checkpoint there (give a run dir or a checkpoints/step_N dir)")
     if not is_complete(step_dir):
-        raise CheckpointError(f"{step_dir} is incomplete (no {STATE}: its save was interrupted); pick another step")
+        raise CheckpointError(f"{step_dir} is incomplete (no trainer state: its save was interrupted); pick another step")
     return step_dir
 
 
-def resolve_resume(cfg: PretrainConfig, world_size: int) -> ResumeTarget | None:
+def resolve_resume(cfg, world_size: int) -> ResumeTarget | None:
+    """The checkpoint a stage's run resumes (``cfg.resume``), checked against its model and ZeRO stage, with
+    the global batch the resumed run must use. Nothing in ``cfg`` changes: the stage resolves it."""
     mode = cfg.resume.mode
     run_dir = Path(cfg.run_dir)
     if mode == "none":
@@ -99,12 +101,19 @@ def resolve_resume(cfg: PretrainConfig, world_size: int) -> ResumeTarget | None:
         return None
     state = read_state(step_dir)
     _check_compatible(cfg, state, step_dir)
-    _keep_global_batch(cfg, state, step_dir, world_size)
+    batch = _keep_global_batch(cfg, state, step_dir, world_size)
+    return checkpoint_target(step_dir, world_size, state, batch)
+
+
+def checkpoint_target(step_dir: Path, world_size: int, state: dict[str, Any] | None = None,
+                      global_batch: int | None = None) -> ResumeTarget:
+    """How to load ``step_dir`` on ``world_size`` ranks (universal when the number of ranks changed)."""
+    state = read_state(step_dir) if state is None else state
     universal = state["world_size"] != world_size and state["zero_stage"] > 0
-    return ResumeTarget(step_dir, state, universal)
+    return ResumeTarget(step_dir, state, universal, global_batch)
 
 
-def _check_compatible(cfg: PretrainConfig, state: dict[str, Any], step_dir: Path) -> None:
+def _check_compatible(cfg, state: dict[str, Any], step_dir: Path) -> None:
     saved, now = state["model"], to_dict(cfg.model)
     shape_keys = ("kind", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "intermediate_size",
                   "tie_embeddings")
@@ -117,9 +126,10 @@ def _check_compatible(cfg: PretrainConfig, state: dict[str, Any], step_dir: Path
         )
 
 
-def _keep_global_batch(cfg, state: dict[str, Any], step_dir: Path, world_size: int) -> None:
-    """A resume continues the same optimisation: an unset global batch is the checkpoint's, not micro x ranks
-    (which changes with the number of ranks); an explicit different one is allowed, with a warning."""
+def _keep_global_batch(cfg, state: dict[str, Any], step_dir: Path, world_size: int) -> int | None:
+    """The global batch of the resumed run. A resume continues the same optimisation: an unset global batch
+    is the checkpoint's, not micro x ranks (which changes with the number of ranks); an explicit different
+    one is allowed, with a warning."""
     saved, now = state.get("global_batch"), cfg.train.global_batch_size
     if saved is not None and (now is None or now == saved) and saved % world_size:
         # the batch plan would round it up, and the data position (a multiple of it) would not split evenly
@@ -129,14 +139,14 @@ def _keep_global_batch(cfg, state: dict[str, Any], step_dir: Path, world_size: i
             f"resume on {', '.join(map(str, fits[-4:]))} or another divisor of {saved} ranks"
         )
     if saved is None or now == saved:
-        return
+        return now
     if now is None:
-        cfg.train.global_batch_size = saved
         if saved != cfg.train.micro_batch_size * world_size:  # said only when it differs from micro x ranks
             print0(f"resume: keeping the global batch of {step_dir.name}, {saved} (train.global_batch_size is not set)")
-    else:
-        print0(f"warning: {step_dir.name} was trained with global batch {saved}; continuing with "
-               f"train.global_batch_size={now} changes the optimisation")
+        return saved
+    print0(f"warning: {step_dir.name} was trained with global batch {saved}; continuing with "
+           f"train.global_batch_size={now} changes the optimisation")
+    return now
 
 
 # ---------------------------------------------------------------- world-size change
@@ -193,6 +203,13 @@ def _convert(target: ResumeTarget, out: Path) -> None:
 
 
 # ---------------------------------------------------------------- RNG
+def seed_everything(seed: int) -> None:
+    """python, numpy and torch RNGs from one seed (the same seed on every rank: identical initial weights)."""
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
 def rng_state() -> dict[str, Any]:
     """Every RNG of this process as tensors, ints and tuples only: the file loads with
     ``torch.load(weights_only=True)``, which runs no pickled code (a run directory may come from elsewhere)."""
@@ -225,7 +242,7 @@ def load_rng_state(path: Path) -> dict[str, Any] | None:
 def save(trainer, reason: str = "interval") -> Path:
     """Every rank writes its shard; rank 0 then marks the checkpoint complete and moves ``latest``."""
     cfg, info = trainer.cfg, trainer.dist
-    root = Path(cfg.run_dir) / CKPT
+    root = checkpoints_dir(cfg.run_dir)
     tag = step_tag(trainer.state.step)
     step_dir = root / tag
     t0 = time.time()
@@ -287,41 +304,46 @@ def rotate(root: Path, keep_last: int, keep_every: int) -> None:
 
 # ---------------------------------------------------------------- restore
 def restore(trainer, target: ResumeTarget) -> None:
-    """Load weights, optimizer, schedule, loader position and RNG from ``target``."""
+    """Load weights, optimizer, schedule, loader position and RNG from ``target`` (both stages)."""
     cfg, info = trainer.cfg, trainer.dist
     state = target.state
     if state["tokenizer_sha256"] != trainer.tokenizer_sha256:
         raise CheckpointError(
             f"cannot resume {target.step_dir}: it was trained with tokenizer {state['tokenizer_sha256'][:12]}, "
-            f"the shards use {trainer.tokenizer_sha256[:12]}"
+            f"this run uses {trainer.tokenizer_sha256[:12]}"
         )
     if state["manifest_fingerprint"] != trainer.loader.fingerprint and not cfg.resume.allow_data_change:
         raise CheckpointError(
-            f"cannot resume {target.step_dir}: the shards changed since it was saved (fingerprint differs); "
+            f"cannot resume {target.step_dir}: the {trainer.objective.data_name} changed since it was saved "
+            "(fingerprint differs); "
             "pass --resume.allow_data_change=true to continue on the new data"
         )
-    if target.universal:
-        ensure_universal(target, info.rank)
-    load_path, _ = trainer.engine.load_checkpoint(
-        str(target.step_dir.parent), tag=target.load_tag, load_module_strict=True,
-        load_optimizer_states=True, load_lr_scheduler_states=True,
-    )
-    if load_path is None:
-        raise CheckpointError(f"DeepSpeed could not load {target.step_dir}; its files may be damaged")
-    unshare_optimizer_steps(trainer.engine)
-    reapply_group_hparams(trainer.engine, cfg)
+    load_engine_state(trainer.engine, target, info.rank)
     trainer.load_state_dict(state, allow_data_change=cfg.resume.allow_data_change)
     rng_file = target.step_dir / f"rng_rank{info.rank:05d}.pt"
     saved_rng = load_rng_state(rng_file) if not target.universal and rng_file.is_file() else None
     if saved_rng is not None:
         set_rng_state(saved_rng)
     else:  # another world size: a fresh, reproducible stream per rank
-        seed = cfg.train.seed + 1000 * trainer.state.step + info.rank
-        random.seed(seed)
-        np.random.seed(seed % 2**32)
-        torch.manual_seed(seed)
+        seed_everything(cfg.train.seed + 1000 * trainer.state.step + info.rank)
     how = f" (universal: {state['world_size']} → {info.world_size} ranks)" if target.universal else ""
     print0(f"resumed from {target.step_dir} at step {trainer.state.step}, {trainer.state.tokens_seen:,} tokens{how}")
+
+
+def load_engine_state(engine, target: ResumeTarget, rank: int) -> None:
+    """The one DeepSpeed load of both stages: weights, optimizer and schedule of ``target`` into ``engine``
+    (converted to the universal format first when the number of ranks changed). A full load, never
+    weights-only: a weights-only load of a ZeRO-3 checkpoint silently loads nothing."""
+    if target.universal:
+        ensure_universal(target, rank)
+    load_path, _ = engine.load_checkpoint(
+        str(target.step_dir.parent), tag=target.load_tag, load_module_strict=True,
+        load_optimizer_states=True, load_lr_scheduler_states=True,
+    )
+    if load_path is None:
+        raise CheckpointError(f"DeepSpeed could not load {target.step_dir}; its files may be damaged")
+    unshare_optimizer_steps(engine)
+    reapply_group_hparams(engine)
 
 
 def unshare_optimizer_steps(engine) -> None:
@@ -343,7 +365,7 @@ def unshare_optimizer_steps(engine) -> None:
 
 
 # ---------------------------------------------------------------- when to save
-class Checkpointer:
+class Checkpointer(Callback):
     """Callback: save every N steps / M minutes, at the end, and on SIGUSR1/SIGTERM (then stop).
 
     A signal only sets a flag; the save happens at the next step boundary, after the flag is
@@ -352,8 +374,8 @@ class Checkpointer:
 
     SIGNALS = ("SIGUSR1", "SIGTERM")
 
-    def __init__(self, cfg: PretrainConfig):
-        self.c = cfg.checkpoint
+    def __init__(self, checkpoint: CheckpointConfig):
+        self.c = checkpoint
         self.last_save_time = time.time()
         self.last_saved_step = -1
         self.signalled = False

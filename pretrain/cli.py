@@ -10,10 +10,9 @@ import json
 import os
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 
 from lmforge.config import config_help, dump_yaml, load_config, split_cli
-from lmforge.errors import ConfigError, DataError, run_cli
+from lmforge.errors import ConfigError, run_cli
 from pretrain.config import PretrainConfig
 
 USAGE = __doc__.strip().splitlines()[0].strip("`")
@@ -47,32 +46,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def shard_tokenizer(cfg: PretrainConfig):
-    """The tokenizer stored with the first shard directory (all must share it; the loader checks)."""
-    from data_pipeline.shards import Manifest
-    from data_pipeline.tokenizer import Tokenizer
-
-    if not cfg.data.shards:
-        raise ConfigError("data.shards is empty: pass --data.shards=DIR (built with `python -m data_pipeline build`)")
-    m = Manifest(cfg.data.shards[0])
-    tok = Tokenizer.load(Path(cfg.data.shards[0]) / "tokenizer")
-    if tok.fingerprint != m.tokenizer_sha256 or tok.vocab_size != m.vocab_size:
-        raise DataError(f"{cfg.data.shards[0]}/tokenizer does not match its manifest.json; rebuild the shards")
-    if cfg.model.vocab_size is not None and cfg.model.vocab_size != tok.vocab_size:
-        raise DataError(
-            f"model.vocab_size {cfg.model.vocab_size} does not match the vocab of the tokenizer of "
-            f"{cfg.data.shards[0]} ({tok.vocab_size}); drop the override or rebuild the shards"
-        )
-    return tok
-
-
 def dry_run(cfg: PretrainConfig, ranks: int) -> int:
     """Resolved config, parameter count, FLOPs/token and per-rank memory — nothing is allocated."""
     from pretrain.estimate import describe, saves_line
 
     vocab = cfg.model.vocab_size
     if vocab is None:
-        vocab = shard_tokenizer(cfg).vocab_size if cfg.data.shards else None
+        from pretrain.objective import shard_tokenizer
+
+        vocab = shard_tokenizer(cfg.data.shards).vocab_size if cfg.data.shards else None
     if vocab is None:
         raise ConfigError("model.vocab_size is unset and there are no data.shards to take it from: pass --model.vocab_size=N")
     info = describe(cfg, vocab_size=vocab, world_size=ranks)

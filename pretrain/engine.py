@@ -16,9 +16,26 @@ import torch
 
 from lmforge.errors import ConfigError
 from lmforge.log import print0
-from pretrain.config import PretrainConfig
+from pretrain.config import OptimConfig, PretrainConfig, ZeroConfig
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What the engine reads of a stage's resolved config: its ZeRO and optimizer sections, the
+    precision, the schedule's length and activation checkpointing (both stages have these)."""
+
+    zero: ZeroConfig
+    optim: OptimConfig
+    precision: str
+    max_steps: int
+    activation_checkpointing: bool = False
+
+    @classmethod
+    def of(cls, cfg) -> EngineSpec:
+        """From a pretraining or fine-tuning config (resolved: a concrete precision, ZeRO stage and step count)."""
+        return cls(cfg.zero, cfg.optim, cfg.precision, cfg.train.max_steps, cfg.train.activation_checkpointing)
 
 
 @dataclass(frozen=True)
@@ -117,15 +134,16 @@ def _plan_note(micro: int, asked: int, dp_world: int, used: int, m: int) -> str:
 BF16_GRAD_ACCUM_DTYPE = "fp32"  # fp16 and fp32 runs keep DeepSpeed's default
 
 
-def ds_config_path(cfg: PretrainConfig) -> Path:
-    if cfg.zero.ds_config:
-        return Path(cfg.zero.ds_config)
-    name = f"zero{cfg.zero.stage}_offload.json" if cfg.zero.offload_param else f"zero{cfg.zero.stage}.json"
+def ds_config_path(zero: ZeroConfig) -> Path:
+    if zero.ds_config:
+        return Path(zero.ds_config)
+    name = f"zero{zero.stage}_offload.json" if zero.offload_param else f"zero{zero.stage}.json"
     return REPO / "ds_configs" / name
 
 
-def ds_config(cfg: PretrainConfig, plan: BatchPlan, load_universal: bool = False) -> dict[str, Any]:
-    path = ds_config_path(cfg)
+def ds_config(spec: EngineSpec, plan: BatchPlan, load_universal: bool = False) -> dict[str, Any]:
+    """DeepSpeed's config: the engine JSON of ``spec.zero`` with the batch plan, precision and optimizer merged in."""
+    path = ds_config_path(spec.zero)
     if not path.is_file():
         raise ConfigError(f"zero.ds_config: {path} not found")
     try:
@@ -138,12 +156,12 @@ def ds_config(cfg: PretrainConfig, plan: BatchPlan, load_universal: bool = False
     if clash:
         raise ConfigError(f"{path} sets {', '.join(clash)}: batch sizes, precision, clipping and the optimizer come from the lmforge config")
     zero = conf.setdefault("zero_optimization", {})
-    zero["stage"] = cfg.zero.stage
-    if cfg.zero.offload_optimizer:
+    zero["stage"] = spec.zero.stage
+    if spec.zero.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    if cfg.zero.offload_param:
+    if spec.zero.offload_param:
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
-    o = cfg.optim
+    o = spec.optim
     conf.update(
         train_batch_size=plan.global_batch,
         train_micro_batch_size_per_gpu=plan.micro_batch_per_rank,
@@ -156,37 +174,37 @@ def ds_config(cfg: PretrainConfig, plan: BatchPlan, load_universal: bool = False
                 "betas": [o.beta1, o.beta2],
                 "eps": o.eps,
                 "weight_decay": o.weight_decay,
-                "torch_adam": _torch_adam(cfg),
+                "torch_adam": _torch_adam(spec.zero),
                 "adam_w_mode": True,
             },
         },
     )
     if load_universal:  # resuming a checkpoint written by another number of ranks
         conf["checkpoint"] = {"load_universal": True}
-    if cfg.precision == "bf16":
+    if spec.precision == "bf16":
         conf["bf16"] = {"enabled": True}
-        if cfg.zero.stage > 0:  # see BF16_GRAD_ACCUM_DTYPE; an engine JSON may still choose bf16 sums (less memory)
+        if spec.zero.stage > 0:  # see BF16_GRAD_ACCUM_DTYPE; an engine JSON may still choose bf16 sums (less memory)
             conf.setdefault("data_types", {}).setdefault("grad_accum_dtype", BF16_GRAD_ACCUM_DTYPE)
-    elif cfg.precision == "fp16":
+    elif spec.precision == "fp16":
         conf["fp16"] = {"enabled": True, "loss_scale": 0, "initial_scale_power": 16,
                         "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}
     return conf
 
 
-def accumulation_note(cfg: PretrainConfig, plan: BatchPlan) -> str:
+def accumulation_note(spec: EngineSpec, plan: BatchPlan) -> str:
     """A one-line warning where gradients are summed over micro-steps in bf16 (ZeRO-0 cannot do fp32)."""
-    if cfg.precision == "bf16" and cfg.zero.stage == 0 and plan.grad_accum_steps > 1:
+    if spec.precision == "bf16" and spec.zero.stage == 0 and plan.grad_accum_steps > 1:
         return (f"warning: ZeRO-0 sums the {plan.grad_accum_steps} micro-steps' gradients in bf16 (DeepSpeed accumulates "
                 "in fp32 only with ZeRO >= 1): use --zero.stage=1 for fp32 accumulation")
     return ""
 
 
-def builds_partitioned(cfg: PretrainConfig) -> bool:
+def builds_partitioned(zero: ZeroConfig) -> bool:
     """Whether the model is built inside deepspeed.zero.Init (ZeRO-3 only; see ZeroConfig.partitioned_init)."""
-    if cfg.zero.stage != 3:
+    if zero.stage != 3:
         return False
-    if cfg.zero.partitioned_init is not None:
-        return cfg.zero.partitioned_init
+    if zero.partitioned_init is not None:
+        return zero.partitioned_init
     return not _cpu_accelerator()
 
 
@@ -196,11 +214,11 @@ def _cpu_accelerator() -> bool:
     return get_accelerator().device_name() == "cpu"
 
 
-def _torch_adam(cfg: PretrainConfig) -> bool:
+def _torch_adam(zero: ZeroConfig) -> bool:
     """torch's AdamW needs no JIT-compiled op. Offloading from a GPU uses DeepSpeedCPUAdam (a C++ op
     built on first use, much faster than torch's AdamW on host memory); on DeepSpeed's CPU accelerator
     everything is in host memory already and torch's AdamW is used, so nothing is compiled."""
-    return not cfg.zero.offload_optimizer or _cpu_accelerator()
+    return not zero.offload_optimizer or _cpu_accelerator()
 
 
 def offload_summary(engine) -> str:
@@ -214,11 +232,10 @@ def offload_summary(engine) -> str:
     return ", ".join(parts)
 
 
-def lr_schedule(optimizer: torch.optim.Optimizer, cfg: PretrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """Warm-up then cosine/linear decay to ``min_lr`` (transformers' schedules, not hand-rolled)."""
+def lr_schedule(optimizer: torch.optim.Optimizer, o: OptimConfig, steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Warm-up then cosine/linear decay to ``o.min_lr`` over ``steps`` (transformers' schedules, not hand-rolled)."""
     from transformers.optimization import get_constant_schedule_with_warmup, get_wsd_schedule
 
-    o, steps = cfg.optim, cfg.train.max_steps
     warmup = min(o.warmup_steps, steps)
     if o.schedule == "constant":
         return get_constant_schedule_with_warmup(optimizer, warmup)
@@ -232,18 +249,24 @@ def lr_schedule(optimizer: torch.optim.Optimizer, cfg: PretrainConfig) -> torch.
     )
 
 
-def group_hparams(cfg: PretrainConfig) -> tuple[dict[str, float], dict[str, float]]:
+def group_hparams(optim: OptimConfig) -> tuple[dict[str, float], dict[str, float]]:
     """Per-group settings of the two optimizer groups: (≥2-D weights, 1-D norms/biases)."""
-    return {"weight_decay": cfg.optim.weight_decay}, {"weight_decay": 0.0}
+    return {"weight_decay": optim.weight_decay}, {"weight_decay": 0.0}
 
 
-def reapply_group_hparams(engine, cfg: PretrainConfig) -> None:
+def reapply_group_hparams(engine) -> None:
     """DeepSpeed's ZeRO-3 universal load copies param group 0's settings into every group (so norms
-    would get weight decay after a world-size change); put each group's own settings back."""
+    would get weight decay after a world-size change, and every group group 0's learning rate until the
+    schedule's next step); put each group's own settings back (recorded by :func:`build_engine`) and its
+    learning rate from the restored schedule (whose per-group peaks and last rates were saved with it)."""
     groups = engine.optimizer.param_groups
-    hparams = getattr(engine, "lmforge_group_hparams", None) or group_hparams(cfg)
+    hparams = engine.lmforge_group_hparams
     for group, hp in zip(groups, hparams):
         group.update(hp)
+    sched = getattr(engine, "lr_scheduler", None)
+    if sched is not None and len(getattr(sched, "base_lrs", ())) == len(groups):
+        for group, peak, last in zip(groups, sched.base_lrs, sched.get_last_lr()):
+            group["initial_lr"], group["lr"] = peak, last
 
 
 def param_ndim(p: torch.Tensor) -> int:
@@ -256,17 +279,17 @@ def param_numel(p: torch.Tensor) -> int:
     return p.ds_numel if hasattr(p, "ds_numel") else p.numel()
 
 
-def default_param_groups(model: torch.nn.Module, cfg: PretrainConfig) -> list[dict[str, Any]]:
+def default_param_groups(model: torch.nn.Module, optim: OptimConfig) -> list[dict[str, Any]]:
     """No weight decay on norms and biases (1-D tensors), as in GPT-3 / Llama; frozen tensors left out."""
     trainable = [p for p in model.parameters() if p.requires_grad]
-    decay, no_decay = group_hparams(cfg)
+    decay, no_decay = group_hparams(optim)
     return [
         {"params": [p for p in trainable if param_ndim(p) >= 2], **decay},
         {"params": [p for p in trainable if param_ndim(p) < 2], **no_decay},
     ]
 
 
-def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: BatchPlan, load_universal: bool = False,
+def build_engine(model: torch.nn.Module, spec: EngineSpec, plan: BatchPlan, load_universal: bool = False,
                  param_groups: list[dict[str, Any]] | None = None):
     """deepspeed.initialize with the merged config; returns the engine (optimizer and schedule inside).
 
@@ -275,27 +298,27 @@ def build_engine(model: torch.nn.Module, cfg: PretrainConfig, plan: BatchPlan, l
     """
     import deepspeed
 
-    if cfg.train.activation_checkpointing:
+    if spec.activation_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     from deepspeed.accelerator import get_accelerator
 
-    if cfg.precision == "fp16" and not get_accelerator().is_fp16_supported():
+    if spec.precision == "fp16" and not get_accelerator().is_fp16_supported():
         raise ConfigError(
             f"precision=fp16 is not supported on this {get_accelerator().device_name()} device (DeepSpeed's CPU "
             "accelerator needs hardware fp16, e.g. AVX512-FP16); use --precision=bf16 or fp32"
         )
-    conf = ds_config(cfg, plan, load_universal)
-    for line in (plan.note, accumulation_note(cfg, plan)):
+    conf = ds_config(spec, plan, load_universal)
+    for line in (plan.note, accumulation_note(spec, plan)):
         if line:
             print0(line)
-    params = [g for g in (param_groups or default_param_groups(model, cfg)) if g["params"]]
+    params = [g for g in (param_groups or default_param_groups(model, spec.optim)) if g["params"]]
     if not params:
         raise ConfigError("nothing to train: every parameter is frozen")
     engine, optimizer, _, _ = deepspeed.initialize(
         model=model,
         model_parameters=params,
         config=conf,
-        lr_scheduler=lambda opt: lr_schedule(opt, cfg),
+        lr_scheduler=lambda opt: lr_schedule(opt, spec.optim, spec.max_steps),
     )
     # what restore() puts back after a universal load (the lr is the schedule's, restored with it)
     engine.lmforge_group_hparams = [{k: v for k, v in g.items() if k not in ("params", "lr")} for g in params]

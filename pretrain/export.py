@@ -20,7 +20,6 @@ import json
 import math
 import mmap
 import re
-import shutil
 import struct
 import sys
 from collections.abc import Iterator, Mapping, Sequence
@@ -32,7 +31,8 @@ import torch
 
 from lmforge.config import load_config
 from lmforge.errors import CheckpointError, ConfigError, run_cli
-from lmforge.rundir import CKPT, is_complete, latest_checkpoint, read_state, step_tag
+from lmforge.io import staged_dir
+from lmforge.rundir import checkpoint_dir, checkpoints_dir, is_complete, latest_checkpoint, read_state
 from pretrain.config import PretrainConfig
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -46,11 +46,11 @@ def find_step(run_dir: Path, step: int | None) -> Path:
     if step is None:
         found = latest_checkpoint(run_dir)
         if found is None:
-            raise CheckpointError(f"{run_dir} has no complete checkpoint under {CKPT}/; train first")
+            raise CheckpointError(f"{run_dir} has no complete checkpoint in {checkpoints_dir(run_dir)}; train first")
         return found
-    d = run_dir / CKPT / step_tag(step)
+    d = checkpoint_dir(run_dir, step)
     if not is_complete(d):
-        raise CheckpointError(f"{d} is missing or incomplete; pick a step listed in {run_dir / CKPT}")
+        raise CheckpointError(f"{d} is missing or incomplete; pick a step listed in {checkpoints_dir(run_dir)}")
     return d
 
 
@@ -91,7 +91,7 @@ def build_hf_model(run_dir: Path, state: dict, cfg: PretrainConfig, device: str 
     """The transformers model of a run (randomly initialised; ``device="meta"``: shapes only) and its tokenizer."""
     from data_pipeline.tokenizer import Tokenizer
     from pretrain.model import build_model
-    from pretrain.run import special_ids
+    from pretrain.objective import special_ids
 
     tok = Tokenizer.load(run_dir / "tokenizer")
     if tok.fingerprint != state["tokenizer_sha256"]:
@@ -437,19 +437,13 @@ def export(run_dir: str | Path, out: str | Path, step: int | None = None, dtype:
     names = hf_weight_names(model)
     weights = lazy_weights(step_dir)
     _check_match(model, names, weights, step_dir)
-    tmp = out.with_name(out.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    write_weights(tmp, [(k, weights[k]) for k in names], torch_dtype, max_shard_size)
-    model.config.architectures = [type(model).__name__]  # what save_pretrained records
-    model.config.dtype = torch_dtype  # from_pretrained's dtype="auto" loads the weights in it
-    model.config.save_pretrained(tmp)
-    _save_generation_config(model, tmp)
-    tok.save(tmp)
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)  # a reader never sees a half-written export
+    with staged_dir(out) as tmp:  # a reader never sees a half-written export
+        write_weights(tmp, [(k, weights[k]) for k in names], torch_dtype, max_shard_size)
+        model.config.architectures = [type(model).__name__]  # what save_pretrained records
+        model.config.dtype = torch_dtype  # from_pretrained's dtype="auto" loads the weights in it
+        model.config.save_pretrained(tmp)
+        _save_generation_config(model, tmp)
+        tok.save(tmp)
     return out
 
 

@@ -1,25 +1,21 @@
 """The training loop: read it top to bottom in :meth:`Trainer.fit`.
 
-The trainer owns run state (step, tokens seen, skipped steps) and nothing else; logging,
-evaluation output and (later) checkpoints hang off it as callbacks.
+The loop is the same for every stage; what it optimises is an :class:`~pretrain.objective.Objective`
+(pretraining's language modelling, fine-tuning's tasks). The trainer owns run state (step, tokens
+seen, skipped steps) and nothing else; logging, evaluation output and checkpoints hang off it as
+callbacks, and so do the faults tests inject (a NaN loss, a failing rank).
 """
 
 from __future__ import annotations
 
-import math
-import os
 import time
 from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
-from data_pipeline.loader import ShardLoader, eval_batches
-from data_pipeline.shards import Manifest
 from lmforge.errors import LmforgeError
-from pretrain.config import PretrainConfig
 from pretrain.dist import DistInfo
 from pretrain.engine import BatchPlan
 
@@ -37,36 +33,100 @@ class TrainState:
     dropped_microbatches: int = 0  # non-finite micro-batches dropped inside an accumulation window
 
 
+class Objective:
+    """What the loop optimises: the stage-specific half of a training run (pretraining's language
+    modelling in :mod:`pretrain.objective`, fine-tuning's tasks in :mod:`finetune.objective`).
+    :meth:`attach` gives it the trainer (engine, rank, batch plan, step) once the runtime is built;
+    every other method is called by the loop."""
+
+    trainer: Trainer
+    #: what the checkpoint records, and a resume checks (a different tokenizer or data is refused)
+    tokenizer_sha256: str
+    special_ids: dict[str, int]
+    data_name = "training data"  # for messages: "the shards changed since ..."
+
+    def attach(self, trainer: Trainer) -> None:
+        self.trainer = trainer
+
+    @property
+    def loader(self) -> Any:
+        """The resumable batch source (its ``fingerprint`` identifies the data)."""
+        raise NotImplementedError
+
+    def next_batch(self) -> Any:
+        """This rank's next micro-batch (what :meth:`loss` takes)."""
+        raise NotImplementedError
+
+    def loss(self, batch: Any, micro_step: int, train: bool = True) -> torch.Tensor:
+        """The scalar loss of one micro-batch (kept on the device)."""
+        raise NotImplementedError
+
+    def step_tokens(self) -> int:
+        """Training tokens of the step just taken, all ranks together."""
+        return self.trainer.plan.tokens_per_step
+
+    def has_validation(self) -> bool:
+        return False
+
+    def eval_every(self) -> int:
+        """Steps between evaluations (0: only at the end)."""
+        return self.trainer.cfg.train.eval_every
+
+    def evaluate(self) -> dict[str, float]:
+        """Validation metrics (``eval/*``), computed on every rank."""
+        return {}
+
+    def done(self) -> bool:
+        """A stop condition besides ``train.max_steps``."""
+        return False
+
+    def step_metrics(self) -> dict[str, float]:
+        """Extra ``train/*`` metrics of the step just taken."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """The resumable state, merged into the checkpoint's trainer state (``loader`` at least)."""
+        return {"loader": self.loader.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any], allow_data_change: bool = False) -> None:
+        self.loader.load_state_dict(sd["loader"], allow_data_change=allow_data_change)
+
+
 class Callback:
     """Hooks called on every rank; a callback that writes files checks ``trainer.dist.is_main``."""
 
     def on_train_start(self, trainer: Trainer) -> None: ...
+    def on_loss(self, trainer: Trainer, loss: torch.Tensor, micro_step: int) -> torch.Tensor:
+        """The training loss of one micro-batch, before the backward (fault injection in tests)."""
+        return loss
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
     def on_train_end(self, trainer: Trainer) -> None: ...
 
 
 class Trainer:
-    def __init__(
-        self,
-        cfg: PretrainConfig,
-        engine,
-        loader: ShardLoader,
-        dist_info: DistInfo,
-        plan: BatchPlan,
-        special_ids: dict[str, int],
-        callbacks: list[Callback] | None = None,
-        tokenizer_sha256: str | None = None,
-    ):
-        self.cfg, self.engine, self.loader, self.dist, self.plan = cfg, engine, loader, dist_info, plan
-        self.special_ids = special_ids
+    """``cfg`` is the stage's resolved, frozen config; the loop reads ``cfg.train`` (max_steps,
+    eval_every, log_every, max_skipped_steps, exit_interval, progress), ``cfg.run_dir`` and, through the
+    callbacks and checkpoints, ``checkpoint``, ``zero``, ``precision`` and ``model``."""
+
+    def __init__(self, cfg, engine, objective: Objective, dist_info: DistInfo, plan: BatchPlan,
+                 callbacks: list[Callback] | None = None):
+        self.cfg, self.engine, self.objective, self.dist, self.plan = cfg, engine, objective, dist_info, plan
         self.callbacks = callbacks or []
-        self.tokenizer_sha256 = tokenizer_sha256
         self.state = TrainState()
         self.stop_requested = False  # a callback (e.g. a signal handler) may ask for a clean stop
         self.preempted = False  # stopped by a signal: the job is expected to be requeued
-        self._nan_steps = _parse_nan_hook(os.environ.get("LMFORGE_INJECT_NAN"), dist_info.rank)
-        self._has_val = self.has_validation()
+        objective.attach(self)
+        self._has_val = objective.has_validation()
+        self._loss_hooks = [cb for cb in self.callbacks if getattr(type(cb), "on_loss", Callback.on_loss) is not Callback.on_loss]
+
+    @property
+    def loader(self):
+        return self.objective.loader
+
+    @property
+    def tokenizer_sha256(self) -> str:
+        return self.objective.tokenizer_sha256
 
     # ------------------------------------------------------------------ the loop
     def fit(self) -> TrainState:
@@ -80,27 +140,19 @@ class Trainer:
                 cb.on_step_end(self, metrics)
             if self.stop_requested:
                 break
-        if not self.stop_requested and (self.cfg.train.eval_every == 0 or self.state.step % self.cfg.train.eval_every):
+        every = self.objective.eval_every()
+        if not self.stop_requested and (every == 0 or self.state.step % every):
             self.evaluate()  # finish with a fresh evaluation (not when stopping early for a signal)
         for cb in self.callbacks:
             cb.on_train_end(self)
         return self.state
 
     def _done(self) -> bool:
-        t = self.cfg.train
-        return self.state.step >= t.max_steps or (t.max_tokens is not None and self.state.tokens_seen >= t.max_tokens)
-
-    def has_validation(self) -> bool:
-        return any(Manifest(s).tokens("val") > 0 for s in self.cfg.data.shards)
-
-    def next_batch(self):
-        """The next micro-batch of this rank (what :meth:`loss` takes)."""
-        return torch.from_numpy(self.loader.next_batch())  # (B, T+1) int64
+        return self.state.step >= self.cfg.train.max_steps or self.objective.done()
 
     def _eval_due(self) -> bool:
-        every = self.cfg.train.eval_every
+        every = self.objective.eval_every()
         return bool(every) and self.state.step % every == 0 and self._has_val
-
 
     # ------------------------------------------------------------------ one step
     def train_step(self) -> dict[str, float]:
@@ -109,12 +161,12 @@ class Trainer:
         self.engine.train()
         losses: list[torch.Tensor] = []
         skip = False
-        last_good: torch.Tensor | None = None
+        last_good = None
         for k in range(self.plan.grad_accum_steps):
-            batch = self.next_batch()
+            batch = self.objective.next_batch()
             if skip:
                 continue  # the step is skipped: consume its data so the position stays exact
-            loss = self.loss(batch, micro_step=k)
+            loss = self.train_loss(batch, k)
             if self._nonfinite_on_any_rank(loss):
                 if k == 0:
                     skip = True  # nothing accumulated yet: skip the whole step on every rank
@@ -122,14 +174,14 @@ class Trainer:
                 # Gradients of earlier micro-batches are already inside DeepSpeed's buffers: drop
                 # only this micro-batch by back-propagating an exactly-zero loss through a good one.
                 self.state.dropped_microbatches += 1
-                loss = self.loss(last_good, micro_step=k) * 0.0
+                loss = self.objective.loss(last_good, micro_step=k) * 0.0
             else:
                 losses.append(loss.detach().float())
                 last_good = batch
             self.engine.backward(loss)
             self.engine.step()
         self.state.step += 1
-        step_tokens = self.step_tokens()
+        step_tokens = self.objective.step_tokens()
         self.state.tokens_seen += step_tokens
         if skip:
             self.state.skipped_steps += 1
@@ -142,12 +194,16 @@ class Trainer:
         else:
             self.state.consecutive_skips = 0
         metrics = self._step_metrics(losses, skip, time.perf_counter() - t0)
+        metrics.update(self.objective.step_metrics())
         metrics["train/step_tokens"] = float(step_tokens)  # for tokens/s and MFU (not logged itself)
         return metrics
 
-    def step_tokens(self) -> int:
-        """Training tokens of the step just taken, all ranks together (packed windows: all of them)."""
-        return self.plan.tokens_per_step
+    def train_loss(self, batch, micro_step: int) -> torch.Tensor:
+        """The objective's loss of one training micro-batch, passed through the callbacks' ``on_loss``."""
+        loss = self.objective.loss(batch, micro_step=micro_step)
+        for cb in self._loss_hooks:
+            loss = cb.on_loss(self, loss, micro_step)
+        return loss
 
     def _step_metrics(self, losses: list[torch.Tensor], skipped: bool, seconds: float) -> dict[str, float]:
         loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
@@ -175,79 +231,24 @@ class Trainer:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)  # the decision is the same on every rank
         return bool(bad.item())
 
-    # ------------------------------------------------------------------ objectives
-    def loss(self, batch: torch.Tensor, micro_step: int = 0, train: bool = True) -> torch.Tensor:
-        """Mean cross-entropy of one micro-batch (fp32 logits) for the configured objective."""
-        batch = batch.to(self.dist.device)
-        if self.cfg.model.kind == "causal":
-            inputs, targets = batch[:, :-1], batch[:, 1:]  # (B, T) each
-        else:
-            inputs, targets = self._mlm(batch[:, :-1], micro_step, train)
-        kwargs = {"use_cache": False} if self.cfg.model.kind == "causal" else {}  # no KV cache in training
-        logits = self.engine(input_ids=inputs, **kwargs).logits  # (B, T, V)
-        loss = F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-100)
-        if train and (self.state.step + 1) in self._nan_steps and micro_step == 0:
-            loss = loss * float("nan")  # test hook: LMFORGE_INJECT_NAN=step[,step][@rank]
-        return loss
-
-    def _mlm(self, tokens: torch.Tensor, micro_step: int, train: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        from pretrain.model import apply_mlm_masking
-
-        # Masks are a pure function of (seed, step, micro-step, rank): resume reproduces them.
-        g = torch.Generator().manual_seed(
-            hash((self.cfg.train.seed, self.state.step if train else -1, micro_step, self.dist.rank)) & 0x7FFFFFFF
-        )
-        specials = [v for k, v in self.special_ids.items() if k != "mask"]
-        inputs, labels = apply_mlm_masking(
-            tokens.cpu(), self.special_ids["mask"], self.engine.module.config.vocab_size, specials,
-            probability=self.cfg.model.mlm_probability, generator=g,
-        )
-        return inputs.to(tokens.device), labels.to(tokens.device)
-
     # ------------------------------------------------------------------ evaluation
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Token-weighted loss and perplexity over ``train.eval_samples`` validation windows."""
+        """The objective's validation metrics; the callbacks see them (best checkpoint, TensorBoard)."""
         if not self._has_val:
             return {}
         self.engine.eval()
-        total = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # (sum of losses, tokens)
-        batches = eval_batches(
-            self.cfg.data.shards, self.cfg.data.seq_len, self.plan.micro_batch_per_rank, self.dist.rank,
-            self.dist.world_size, max_samples=self.cfg.train.eval_samples, tokenizer_sha256=self.tokenizer_sha256,
-        )
-        for i, arr in enumerate(batches):
-            batch = torch.from_numpy(arr)
-            loss = self.loss(batch, micro_step=i, train=False)
-            n = batch.shape[0] * (batch.shape[1] - 1)
-            if self.cfg.model.kind == "masked":
-                n = max(1, int(round(n * self.cfg.model.mlm_probability)))
-            total += torch.tensor([float(loss) * n, n], dtype=torch.float64, device=self.dist.device)
-        if self.dist.world_size > 1:
-            dist.all_reduce(total)
-        mean = float(total[0] / total[1])
-        metrics = {"eval/loss": mean, "eval/ppl": math.exp(min(mean, 50.0))}
+        try:
+            metrics = self.objective.evaluate()
+        finally:
+            self.engine.train()
         for cb in self.callbacks:
             cb.on_eval_end(self, metrics)
-        self.engine.train()
         return metrics
 
     # ------------------------------------------------------------------ run state
     def state_dict(self) -> dict[str, Any]:
-        return {"trainer": asdict(self.state), "loader": self.loader.state_dict()}
+        return {"trainer": asdict(self.state), **self.objective.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any], allow_data_change: bool = False) -> None:
         self.state = TrainState(**sd["trainer"])
-        self.loader.load_state_dict(sd["loader"], allow_data_change=allow_data_change)
-
-
-def _parse_nan_hook(spec: str | None, rank: int) -> set[int]:
-    """``"5,9@1"`` → steps {5, 9} on rank 1 only; ``"5"`` → step 5 on every rank."""
-    if not spec:
-        return set()
-    steps, _, only_rank = spec.partition("@")
-    if only_rank and int(only_rank) != rank:
-        return set()
-    return {int(s) for s in steps.split(",") if s}
-
-
+        self.objective.load_state_dict(sd, allow_data_change=allow_data_change)

@@ -15,6 +15,7 @@ from typing import Any
 
 from lmforge.errors import ConfigError, run_cli
 from lmforge.rundir import latest_state
+from lmforge.tensorboard import read_scalars, tensorboard_dir
 from slurm.launch import read_records
 
 USAGE = __doc__.strip().splitlines()[0].split(" — ")[0].strip("`")
@@ -37,17 +38,10 @@ def slurm_state(job_id: str) -> tuple[str, int | None]:
 
 def last_metrics(run_dir: Path) -> tuple[int, dict[str, float]] | None:
     """The newest logged step's scalars (train/*, eval/*) from TensorBoard."""
-    tb = run_dir / "tensorboard"
+    tb = tensorboard_dir(run_dir)
     if not tb.is_dir():
         return None
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-    acc = EventAccumulator(str(tb), size_guidance={"scalars": 1})  # the reservoir always keeps the newest
-    acc.Reload()
-    latest: dict[str, tuple[int, float]] = {}
-    for tag in acc.Tags()["scalars"]:
-        ev = acc.Scalars(tag)[-1]
-        latest[tag] = (ev.step, ev.value)
+    latest = {tag: points[-1] for tag, points in read_scalars(tb, newest_only=True).items()}
     if not latest:
         return None
     step = max(s for s, _ in latest.values())

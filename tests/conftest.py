@@ -119,11 +119,9 @@ def run_stage(module: str, args: list[str], nproc: int = 1, env: dict[str, str] 
 
 def read_scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     """Every scalar of a run's TensorBoard event files, read back with tensorboard itself."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    import lmforge.tensorboard as tb
 
-    acc = EventAccumulator(str(Path(run_dir) / "tensorboard"), size_guidance={"scalars": 0, "tensors": 0})
-    acc.Reload()
-    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+    return tb.read_scalars(tb.tensorboard_dir(run_dir))
 
 
 _SLOW_SITE = '''"""Written by tests/conftest.py slowed_env(): make chosen work slower than a collective timeout."""

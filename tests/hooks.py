@@ -54,3 +54,21 @@ class RecordSamples(Callback):
 
 def record_samples() -> RecordSamples:
     return RecordSamples()
+
+
+class NanAt(Callback):
+    """Turns the first micro-batch loss of the given optimizer steps into NaN, on one rank or all:
+    ``LMFORGE_INJECT_NAN=STEP[,STEP...][@RANK]`` (what a bf16 overflow or a bad batch does)."""
+
+    def __init__(self, steps: set[int], rank: int | None):
+        self.steps, self.rank = steps, rank
+
+    def on_loss(self, trainer, loss, micro_step):
+        if micro_step == 0 and trainer.state.step + 1 in self.steps and self.rank in (None, trainer.dist.rank):
+            return loss * float("nan")
+        return loss
+
+
+def nan() -> NanAt:
+    steps, _, rank = os.environ["LMFORGE_INJECT_NAN"].partition("@")
+    return NanAt({int(s) for s in steps.split(",") if s}, int(rank) if rank else None)

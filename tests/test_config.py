@@ -117,3 +117,34 @@ def test_section_with_a_main_field_takes_a_bare_value(tmp_path):
     cfg = load_config(Cfg, preset, ["--resume.allow_data_change=true"])
     assert cfg.resume.mode == "none" and cfg.resume.allow_data_change
     assert load_config(Cfg, None, []).resume.mode == "auto"
+
+
+def test_a_stage_resolves_its_config_once_then_it_is_frozen(tmp_path):
+    """pretrain.run.resolve: a concrete precision and a resumed run's global batch go into a new, frozen
+    config (what config.yaml and the checkpoints record); the loaded one is not changed, and nothing that
+    runs later can change the resolved one."""
+    import json
+
+    from lmforge.config import freeze, is_frozen, resolved
+    from lmforge.rundir import checkpoint_dir, mark_complete
+    from pretrain.config import PretrainConfig
+    from pretrain.run import resolve
+
+    loaded = load_config(PretrainConfig, "configs/pretrain/tiny.yaml",
+                         [f"--run_dir={tmp_path}", "--precision=auto", "--zero.stage=2"])
+    step = checkpoint_dir(tmp_path, 4)
+    step.mkdir(parents=True)
+    mark_complete(step, {"step": 4, "world_size": 4, "global_batch": 12, "zero_stage": 2,
+                         "model": to_dict(loaded.model)})
+    cfg, target = resolve(loaded, 2)
+    assert target.universal and cfg.train.global_batch_size == 12 and cfg.precision in ("bf16", "fp32")
+    assert loaded.train.global_batch_size is None and loaded.precision == "auto"  # not touched
+    assert is_frozen(cfg) and is_frozen(cfg.train) and not is_frozen(loaded)
+    with pytest.raises(ConfigError, match="frozen after start-up: TrainConfig.max_steps cannot change"):
+        cfg.train.max_steps = 7
+    with pytest.raises(ConfigError, match="frozen"):
+        cfg.precision = "fp16"
+    assert json.loads(json.dumps(to_dict(cfg)))["train"]["global_batch_size"] == 12  # still reads as before
+    again = resolved(cfg, {"train.max_steps": 7})  # a changed copy is the way, and it is not frozen
+    assert again.train.max_steps == 7 and cfg.train.max_steps != 7 and not is_frozen(again)
+    assert isinstance(freeze(again), PretrainConfig) and dump_yaml(again) == dump_yaml(resolved(again, {}))

@@ -127,7 +127,7 @@ def test_a_small_fine_tune_runs_zero0_and_says_why(tmp_path, tokenizer_dir):
     from data_pipeline.tokenizer import Tokenizer
     from pretrain.config import ModelConfig
     from pretrain.model import build_model
-    from pretrain.run import special_ids
+    from pretrain.objective import special_ids
 
     tok = Tokenizer.load(tokenizer_dir)
     hf = tmp_path / "hf"

@@ -72,11 +72,9 @@ def test_tensorboard_holds_every_metric(zero_runs):
     assert 0 < tags["train/mfu"][-1][1] < 1
     lrs = [v for _, v in tags["train/lr"]]
     assert lrs[0] < lrs[2]  # warm-up
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from lmforge.tensorboard import read_text
 
-    acc = EventAccumulator(str(rd / "tensorboard"))
-    acc.Reload()
-    assert any("config" in t for t in acc.Tags()["tensors"])  # the resolved config, as text
+    assert any("config" in t for t in read_text(rd))  # the resolved config, as text
     assert (rd / "config.yaml").is_file() and (rd / "tokenizer" / "tokenizer.model").is_file()
 
 
@@ -130,7 +128,8 @@ def test_masked_lm_trains(tmp_path, shards_dir):
 
 
 def test_nan_loss_on_one_rank_skips_that_step_on_both(tmp_path, shards_dir):
-    args = _args(tmp_path, shards_dir, "--train.max_steps=6", "--precision=fp32", "--zero.stage=2")
+    args = _args(tmp_path, shards_dir, "--train.max_steps=6", "--precision=fp32", "--zero.stage=2",
+                 "--callbacks=[hooks:nan]")
     proc = run_stage("pretrain", args, nproc=2, env=stage_env(LMFORGE_INJECT_NAN="3@1"))
     tags = read_scalars(tmp_path)
     skipped = dict(tags["train/skipped_steps"])

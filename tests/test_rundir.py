@@ -38,3 +38,31 @@ def test_the_run_directory_module_imports_no_torch():
     code = "import sys, lmforge.rundir; print(sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'deepspeed')))"
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip() == "[]"
+
+
+def test_paths_of_the_format_come_from_rundir(tmp_path):
+    from lmforge.rundir import (
+        checkpoint_dir,
+        checkpoints_dir,
+        is_run_dir,
+        is_step_dir,
+        latest_checkpoint,
+        latest_file,
+        mark_complete,
+        run_dir_of,
+        state_file,
+    )
+
+    step = checkpoint_dir(tmp_path, 7)
+    assert step == checkpoint_dir(tmp_path, "step_00000007") and step.parent == checkpoints_dir(tmp_path)
+    assert run_dir_of(step) == tmp_path and not is_run_dir(tmp_path) and not latest_file(tmp_path).exists()
+    step.mkdir(parents=True)
+    assert is_run_dir(tmp_path) and is_step_dir(step) and not is_step_dir(tmp_path)
+    assert is_step_dir(checkpoints_dir(tmp_path) / "step_00000007_universal")  # a conversion: a step dir too
+    mark_complete(step, {"step": 7})
+    assert state_file(step).is_file() and latest_file(tmp_path).read_text().strip() == step.name
+    assert latest_checkpoint(tmp_path) == step
+    other = tmp_path / "elsewhere"  # a step directory copied out of its run: recognised by its state
+    other.mkdir()
+    state_file(other).write_text("{}")
+    assert is_step_dir(other)

@@ -119,25 +119,25 @@ def test_checkpoint_estimate_matches_a_real_bf16_save_with_accumulation(tmp_path
 # ---------------------------------------------------------------- item 11: fp32 gradient accumulation for bf16
 @pytest.mark.parametrize("preset", sorted(set(PRESETS) - SMALL))
 def test_bf16_presets_accumulate_gradients_in_fp32(preset):
-    from pretrain.engine import accumulation_note, batch_plan, ds_config, resolve_precision
+    from pretrain.engine import EngineSpec, accumulation_note, batch_plan, ds_config, resolve_precision
 
     cfg = _load(preset)
     cfg.precision = resolve_precision(cfg.precision, cuda=True)  # what a GPU job resolves `auto` to
     assert cfg.precision == "bf16"  # the GPU presets; tiny and small are fp32 (CPU)
     plan = batch_plan(cfg, 8)
-    conf = ds_config(cfg, plan)
+    conf = ds_config(EngineSpec.of(cfg), plan)
     assert cfg.zero.stage >= 1  # ZeRO-0 cannot accumulate bf16 gradients in fp32 (engine.BF16_GRAD_ACCUM_DTYPE)
     assert conf["bf16"] == {"enabled": True} and conf["data_types"]["grad_accum_dtype"] == "fp32"
-    assert accumulation_note(cfg, plan) == ""
+    assert accumulation_note(EngineSpec.of(cfg), plan) == ""
 
 
 def test_zero0_bf16_keeps_bf16_sums_and_says_so():
-    from pretrain.engine import accumulation_note, batch_plan, ds_config
+    from pretrain.engine import EngineSpec, accumulation_note, batch_plan, ds_config
 
     cfg = _load("7b", "--zero.stage=0", "--precision=bf16")
     plan = batch_plan(cfg, 8)
-    assert "data_types" not in ds_config(cfg, plan)  # DeepSpeed 0.19 refuses it there (checked by the next test)
-    assert "ZeRO-0 sums the 64 micro-steps' gradients in bf16" in accumulation_note(cfg, plan)
+    assert "data_types" not in ds_config(EngineSpec.of(cfg), plan)  # DeepSpeed 0.19 refuses it there (checked by the next test)
+    assert "ZeRO-0 sums the 64 micro-steps' gradients in bf16" in accumulation_note(EngineSpec.of(cfg), plan)
 
 
 def test_deepspeed_sums_bf16_gradients_in_fp32_at_zero_1_2_3():
@@ -177,14 +177,14 @@ def _engine_check(stages: list[int]) -> None:
     import deepspeed
     import torch
 
-    from pretrain.engine import ds_config, plan_batches
+    from pretrain.engine import EngineSpec, ds_config, plan_batches
     from pretrain.model import build_model
 
     deepspeed.init_distributed(dist_backend="gloo")
     for stage in stages:
         cfg = _load("tiny", f"--zero.stage={stage}", "--precision=bf16", "--model.vocab_size=256", "--data.seq_len=16")
         plan = plan_batches(2, 4, 1, 16)  # 2 micro-steps
-        conf = ds_config(cfg, plan)
+        conf = ds_config(EngineSpec.of(cfg), plan)
         if stage == 0:  # ds_config leaves it out there; ask anyway, to see DeepSpeed's answer
             conf["data_types"] = {"grad_accum_dtype": "fp32"}
         model = build_model(cfg.model, 256)

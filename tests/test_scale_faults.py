@@ -155,8 +155,9 @@ def test_a_resume_whose_global_batch_does_not_split_over_the_new_ranks_is_refuse
     step.mkdir(parents=True)
     (step / "trainer_state.json").write_text(json.dumps(
         {"step": 4, "world_size": 4, "global_batch": 12, "zero_stage": cfg.zero.stage, "model": to_dict(cfg.model)}))
-    assert resolve_resume(cfg, 3).universal and cfg.train.global_batch_size == 12  # 12 splits over 3 ranks
-    cfg = load_config(PretrainConfig, TINY, [f"--run_dir={tmp_path}", "--zero.stage=2"])
+    target = resolve_resume(cfg, 3)
+    assert target.universal and target.global_batch == 12  # 12 splits over 3 ranks
+    assert cfg.train.global_batch_size is None  # the stage resolves its config from the target; this one is not changed
     with pytest.raises(CheckpointError, match="its global batch 12 does not split over them; resume on 3, 4, 6, 12"):
         resolve_resume(cfg, 5)
 

@@ -164,7 +164,7 @@ def test_failing_training_and_requeue_limit_end_the_job(cluster, tmp_path, shard
     crash, limited = tmp_path / "crash", tmp_path / "limited"
     # training raises at step 2 on every rank: a non-finite loss with max_skipped_steps=1
     monkeypatch.setenv("LMFORGE_INJECT_NAN", "2")
-    crash_job = submit_job(crash, shards_dir, "--train.max_skipped_steps=1")
+    crash_job = submit_job(crash, shards_dir, "--train.max_skipped_steps=1", "--callbacks=[hooks:nan]")
     monkeypatch.delenv("LMFORGE_INJECT_NAN")
     limited_job = submit_job(limited, shards_dir, "--max-requeues", "0")
     wait_until(lambda: training_reached(limited_job, 3), 240, "the limited job training")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 
 from pretrain.config import ModelConfig, PretrainConfig, ZeroConfig
 from pretrain.dist import init_distributed
-from pretrain.engine import ds_config, plan_batches
+from pretrain.engine import EngineSpec, ds_config, plan_batches
 from pretrain.model import build_model, build_model_partitioned
 
 
@@ -24,7 +24,7 @@ def check(kind: str, precision: str, tied: bool) -> dict:
     model = ModelConfig(kind=kind, hidden_size=64, num_layers=2, num_heads=4, max_seq_len=64, tie_embeddings=tied,
                         dropout=0.1 if kind == "masked" else 0.0)
     cfg = PretrainConfig(model=model, zero=ZeroConfig(stage=3), precision=precision)
-    conf = ds_config(cfg, plan_batches(2, None, 2, 64))
+    conf = ds_config(EngineSpec.of(cfg), plan_batches(2, None, 2, 64))
     conf["zero_optimization"]["stage3_param_persistence_threshold"] = 0  # partition every tensor
     ids = dict(bos_id=1, eos_id=2, pad_id=3, mask_id=4 if kind == "masked" else None)
     torch.manual_seed(11)
@@ -72,7 +72,7 @@ def check_finetune(task_name: str, hf_dir: str) -> dict:
     task = TASK_CLASSES[typ](cfg, None, Vocab(1, 2, 3), "causal")
     task.labels = ["a", "b"] if typ != "sft" else []
     backbone = Backbone(Path(hf_dir), model, {})
-    conf = ds_config(cfg, plan_batches(2, None, dist.get_world_size(), 64))
+    conf = ds_config(EngineSpec.of(cfg), plan_batches(2, None, dist.get_world_size(), 64))
     conf["zero_optimization"]["stage3_param_persistence_threshold"] = 0
     torch.manual_seed(3)
     whole = dict(build_module(cfg, task, backbone).named_parameters())

@@ -1,4 +1,4 @@
-"""``make demo``: the main job on the embedded default corpus (the Python standard library).
+"""``make demo`` (``python -m demo``): the main job on the embedded default corpus (the Python standard library).
 
 Stages, each skipped when its output is already complete (a re-run continues, it does not redo):
   1. train a lossless SentencePiece tokenizer       → out/demo/tokenizer/
@@ -24,7 +24,8 @@ import sys
 import time
 from pathlib import Path
 
-from lmforge.rundir import CKPT, LATEST, latest_state
+from lmforge.rundir import checkpoints_dir, latest_file, latest_state
+from lmforge.tensorboard import read_scalars
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -47,7 +48,7 @@ def _env() -> dict[str, str]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = argparse.ArgumentParser(prog="python -m demo", description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="out/demo", help="where every artefact goes")
     ap.add_argument("--vocab-size", type=int, default=8192)
     ap.add_argument("--steps", type=int, default=60, help="pretraining steps of the small model")
@@ -83,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     title = f"pretrain `small` on {args.nproc} processes (ZeRO-2, {precision})"
     if _finished(run_dir, args.steps):
         print(f"\n==> {title}: {run_dir} already finished {args.steps} steps, re-used")
-    elif not (run_dir / CKPT / LATEST).exists():
+    elif not latest_file(run_dir).exists():
         times["pretrain (until killed)"] = _run_and_kill(title + " — killed after its first checkpoint", launcher + pre,
-                                                         env, run_dir / CKPT / LATEST)
+                                                         env, run_dir)
     if not _finished(run_dir, args.steps):
         times["pretrain (resumed)"] = _run("resume from the latest checkpoint and finish", launcher + pre, env)
     export_dir = run_dir / "export"
-    latest = run_dir / CKPT / LATEST
+    latest = latest_file(run_dir)
     if (export_dir / "config.json").is_file() and export_dir.stat().st_mtime >= latest.stat().st_mtime:
         print(f"\n==> export: {export_dir} is up to date, re-used")
     else:
@@ -141,10 +142,11 @@ def _finished(run_dir: Path, steps: int) -> bool:
     return state is not None and state["step"] >= steps
 
 
-def _run_and_kill(title: str, cmd: list[str], env: dict[str, str], marker: Path) -> float:
-    """Start the run, SIGKILL the whole process group once `marker` exists: a crash, on purpose."""
+def _run_and_kill(title: str, cmd: list[str], env: dict[str, str], run_dir: Path) -> float:
+    """Start the run, SIGKILL the whole process group once its first checkpoint is complete: a crash, on purpose."""
     import signal
 
+    marker = latest_file(run_dir)
     print(f"\n==> {title}\n    $ {' '.join(cmd)}", flush=True)
     t0 = time.time()
     proc = subprocess.Popen(cmd, cwd=REPO, env=env, start_new_session=True)
@@ -160,7 +162,7 @@ def _run_and_kill(title: str, cmd: list[str], env: dict[str, str], marker: Path)
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         proc.wait()
-        print(f"    killed with SIGKILL after {marker.parent.joinpath(marker.read_text().strip()).name}", flush=True)
+        print(f"    killed with SIGKILL after {(latest_state(run_dir) or {}).get('tag', 'its first checkpoint')}", flush=True)
     elif proc.returncode:
         raise SystemExit(f"pretraining failed with exit code {proc.returncode}")
     return time.time() - t0
@@ -182,11 +184,7 @@ def _summary(shards: Path, run_dir: Path, times: dict[str, float], sample: str, 
     rows = [("train tokens", f"{manifest['splits']['train']['tokens']:,}"),
             ("val tokens", f"{manifest['splits']['val']['tokens']:,}")]
     try:
-        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-
-        acc = EventAccumulator(str(run_dir / "tensorboard"))
-        acc.Reload()
-        last = {t: acc.Scalars(t)[-1].value for t in acc.Tags()["scalars"]}
+        last = {t: points[-1][1] for t, points in read_scalars(run_dir, newest_only=True).items()}
         rows += [("final train loss", f"{last.get('train/loss', float('nan')):.4f}"),
                  ("eval loss / ppl", f"{last.get('eval/loss', float('nan')):.4f} / {last.get('eval/ppl', float('nan')):.1f}"),
                  ("tokens/s", f"{last.get('train/tokens_per_sec', 0):,.0f}"),
@@ -199,7 +197,7 @@ def _summary(shards: Path, run_dir: Path, times: dict[str, float], sample: str, 
     elif ft:
         rows += [("fine-tune", f"skipped ({ft['skipped'][:60]})")]
     rows += [(f"time: {k}", f"{v:.0f}s") for k, v in times.items()]
-    rows += [("shards", str(shards)), ("run dir", str(run_dir)), ("checkpoints", str(run_dir / "checkpoints")),
+    rows += [("shards", str(shards)), ("run dir", str(run_dir)), ("checkpoints", str(checkpoints_dir(run_dir))),
              ("HF export", str(run_dir / "export")), ("monitor", f"tensorboard --logdir {run_dir.parent}"),
              ("sample", repr(sample[:60]) + "…")]
     width = max(len(k) for k, _ in rows)

@@ -1,6 +1,7 @@
-"""The fine-tuning loop: pretraining's :class:`~pretrain.trainer.Trainer` with task batches, a task
-loss and task evaluation. Step, skip-on-NaN, gradient accumulation, checkpoints, signals and
-TensorBoard are the shared code.
+"""Fine-tuning's objective on the shared runtime: task batches, the task loss (plus an optional
+λ-weighted LM loss), task evaluation and generation. The loop (step, skip-on-NaN, gradient
+accumulation), checkpoints, signals and TensorBoard are pretraining's :class:`~pretrain.trainer.Trainer`,
+unchanged; :class:`TaskObjective` plugs into it like pretraining's language modelling does.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from finetune.data import Example
 from finetune.tasks import IGNORE, SFT, Task
 from lmforge.errors import CheckpointError, ConfigError
 from lmforge.log import progress_enabled
-from pretrain.trainer import Callback, Trainer
+from pretrain.objective import mlm_inputs
+from pretrain.trainer import Callback, Objective, Trainer
 
 
 class TaskLoader:
@@ -78,62 +80,68 @@ class TaskLoader:
         self.consumed, self._micro_calls = sd["consumed"], 0
 
 
-class FinetuneTrainer(Trainer):
-    def __init__(self, cfg, engine, loader: TaskLoader, dist_info, plan, special_ids, task: Task,
-                 splits: dict[str, tuple[list[Example], list[dict[str, Any]]]], callbacks=None, tokenizer_sha256=None):
-        self.task, self.splits = task, splits
+class TaskObjective(Objective):
+    """A task's batches, loss and evaluation. ``cfg`` is the resolved, frozen fine-tuning config."""
+
+    data_name = "fine-tuning data"
+
+    def __init__(self, cfg, task: Task, splits: dict[str, tuple[list[Example], list[dict[str, Any]]]],
+                 loader: TaskLoader, special_ids: dict[str, int], tokenizer_sha256: str):
+        self.cfg, self.task, self.splits, self._loader = cfg, task, splits, loader
+        self.special_ids, self.tokenizer_sha256 = special_ids, tokenizer_sha256
         self.best: dict[str, Any] | None = None  # {"metric", "value", "step"}
         self.evals_without_improvement = 0
         self.early_stopped = False
         self._local_tokens = 0
+        self._last_parts: dict[str, float] = {}
         self.last_generations: list[dict[str, str]] = []
-        super().__init__(cfg, engine, loader, dist_info, plan, special_ids, callbacks, tokenizer_sha256)
+
+    @property
+    def loader(self) -> TaskLoader:
+        return self._loader
 
     def has_validation(self) -> bool:
         return bool(self.splits.get("validation", ([], []))[1])
 
     def next_batch(self):
-        batch = self.loader.next_batch()
+        batch = self._loader.next_batch()
         self._local_tokens += int(batch["attention_mask"].sum())
         return batch
 
     def step_tokens(self) -> int:
         """Real (unpadded) tokens of the step, all ranks together."""
-        n = torch.tensor([float(self._local_tokens)], device=self.dist.device)
+        n = torch.tensor([float(self._local_tokens)], device=self.trainer.dist.device)
         self._local_tokens = 0
-        if self.dist.world_size > 1:
+        if self.trainer.dist.world_size > 1:
             dist.all_reduce(n)
         return int(n.item())
 
-    def _eval_due(self) -> bool:
-        every = self.cfg.train.eval_every or self.steps_per_epoch
-        return bool(every) and self.state.step % every == 0 and self._has_val
+    def eval_every(self) -> int:
+        return self.cfg.train.eval_every or self.steps_per_epoch
 
     @property
     def steps_per_epoch(self) -> int:
-        return max(1, math.ceil(len(self.loader.feats) / self.loader.global_batch))
+        return max(1, math.ceil(len(self._loader.feats) / self._loader.global_batch))
 
     # ------------------------------------------------------------------ objective
     def _prepare(self, batch: dict[str, torch.Tensor], micro_step: int, train: bool) -> dict[str, torch.Tensor]:
-        batch = {k: v.to(self.dist.device) for k, v in batch.items()}
+        t = self.trainer
+        batch = {k: v.to(t.dist.device) for k, v in batch.items()}
         if self.cfg.transfer.aux_lm_weight and self.task.kind == "masked":
             # pretraining's own masking (seeded by step, micro-step and rank)
-            batch["mlm_input_ids"], batch["mlm_labels"] = self._mlm(batch["input_ids"], micro_step, train)
+            batch["mlm_input_ids"], batch["mlm_labels"] = mlm_inputs(
+                batch["input_ids"], self.special_ids, t.engine.module.config.vocab_size, self.cfg.model.mlm_probability,
+                self.cfg.train.seed, t.state.step if train else -1, micro_step, t.dist.rank)
         return batch
 
     def loss(self, batch, micro_step: int = 0, train: bool = True) -> torch.Tensor:
-        out = self.engine(**self._prepare(batch, micro_step, train))
+        out = self.trainer.engine(**self._prepare(batch, micro_step, train))
         self._last_parts = {k: float(out[k].detach()) for k in ("task_loss", "lm_loss") if k in out}
-        loss = out["loss"]
-        if train and (self.state.step + 1) in self._nan_steps and micro_step == 0:
-            loss = loss * float("nan")
-        return loss
+        return out["loss"]
 
-    def _step_metrics(self, losses, skipped, seconds):
-        m = super()._step_metrics(losses, skipped, seconds)
-        for k, v in getattr(self, "_last_parts", {}).items():
-            m[f"train/{k}"] = v  # this rank's last micro-batch (the shared loss above is all-reduced)
-        m["train/epoch"] = self.loader.epoch
+    def step_metrics(self) -> dict[str, float]:
+        m = {f"train/{k}": v for k, v in self._last_parts.items()}  # this rank's last micro-batch
+        m["train/epoch"] = self._loader.epoch
         return m
 
     # ------------------------------------------------------------------ evaluation
@@ -141,15 +149,16 @@ class FinetuneTrainer(Trainer):
     def run_split(self, split: str) -> tuple[dict[str, float], list[Any]]:
         """Loss and task metrics over a whole split; every rank runs the same number of batches
         (ZeRO-3 gathers parameters collectively), padding its last one with ignored rows."""
+        t = self.trainer
         examples, feats = self.splits[split]
-        self.engine.eval()
-        B = self.plan.micro_batch_per_rank
+        t.engine.eval()
+        B = t.plan.micro_batch_per_rank
         # batches of similar lengths pad less (eval is forward-only, so order does not change any result)
-        mine = sorted(range(self.dist.rank, len(feats), self.dist.world_size), key=lambda i: len(feats[i]["input_ids"]))
-        n_batches = math.ceil(math.ceil(len(feats) / self.dist.world_size) / B)
+        mine = sorted(range(t.dist.rank, len(feats), t.dist.world_size), key=lambda i: len(feats[i]["input_ids"]))
+        n_batches = math.ceil(math.ceil(len(feats) / t.dist.world_size) / B)
         preds: list[tuple[int, Any]] = []
-        total = torch.zeros(2, dtype=torch.float64, device=self.dist.device)  # (loss sum, label units)
-        enabled = progress_enabled() if self.cfg.train.progress is None else (self.cfg.train.progress and self.dist.is_main)
+        total = torch.zeros(2, dtype=torch.float64, device=t.dist.device)  # (loss sum, label units)
+        enabled = progress_enabled() if self.cfg.train.progress is None else (self.cfg.train.progress and t.dist.is_main)
         bar = tqdm(total=n_batches, desc=f"{split}", unit="batch", leave=False, dynamic_ncols=True,
                    disable=not enabled or n_batches < 10)
         for b in range(n_batches):
@@ -157,37 +166,33 @@ class FinetuneTrainer(Trainer):
             idx = mine[b * B:(b + 1) * B]
             rows = [feats[i] for i in idx] + [_ignored(feats[idx[0] if idx else 0])] * (B - len(idx))
             batch = self._prepare(self.task.collate(rows), b, train=False)
-            out = self.engine(**batch)
+            out = t.engine(**batch)
             units = _label_units(batch)
             if units:
                 total += torch.tensor([float(out["task_loss"]) * units, units], dtype=torch.float64,
-                                      device=self.dist.device)
+                                      device=t.dist.device)
             if idx:
                 real = len(idx)
                 p = self.task.predictions({k: v[:real] for k, v in out.items() if v.dim() > 0},
                                           {k: v[:real] for k, v in batch.items()})
                 preds += list(zip(idx, p))
         bar.close()
-        if self.dist.world_size > 1:
+        if t.dist.world_size > 1:
             dist.all_reduce(total)
-            gathered: list[Any] = [None] * self.dist.world_size
+            gathered: list[Any] = [None] * t.dist.world_size
             dist.all_gather_object(gathered, preds)
             preds = [x for g in gathered for x in g]
         preds.sort(key=lambda t: t[0])
         metrics = {"loss": float(total[0] / total[1]) if total[1] else float("nan")}
         metrics.update(self.task.score(examples, feats, [p for _, p in preds]))
-        self.engine.train()
+        t.engine.train()
         return metrics, preds
 
     def evaluate(self) -> dict[str, float]:
-        if not self._has_val:
-            return {}
         m, _ = self.run_split("validation")
         metrics = {f"eval/{k}": v for k, v in m.items()}
         if isinstance(self.task, SFT):
             metrics.update({f"eval/{k}": v for k, v in self.generate_samples("validation", self.cfg.task.num_samples).items()})
-        for cb in self.callbacks:
-            cb.on_eval_end(self, metrics)
         return metrics
 
     # ------------------------------------------------------------------ generation (sft)
@@ -195,22 +200,23 @@ class FinetuneTrainer(Trainer):
     def generate(self, prompts: list[list[int]]) -> list[list[int]]:
         """Greedy continuations of token-id prompts (left-padded, no KV cache); every rank runs the
         same number of forward passes, so it works under ZeRO-3."""
-        self.engine.eval()
+        tr = self.trainer
+        tr.engine.eval()
         out: list[list[int]] = []
         pad, eos = self.special_ids["pad"], self.special_ids["eos"]
-        B = self.plan.micro_batch_per_rank
+        B = tr.plan.micro_batch_per_rank
         for s in range(0, len(prompts), B):
             chunk = prompts[s:s + B]
             n = max(len(p) for p in chunk)
-            ids = torch.tensor([[pad] * (n - len(p)) + p for p in chunk], device=self.dist.device)
-            mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in chunk], device=self.dist.device)
-            done = torch.zeros(len(chunk), dtype=torch.bool, device=self.dist.device)
+            ids = torch.tensor([[pad] * (n - len(p)) + p for p in chunk], device=tr.dist.device)
+            mask = torch.tensor([[0] * (n - len(p)) + [1] * len(p) for p in chunk], device=tr.dist.device)
+            done = torch.zeros(len(chunk), dtype=torch.bool, device=tr.dist.device)
             new: list[list[int]] = [[] for _ in chunk]
             for _ in range(self.cfg.task.max_new_tokens):
                 pos = (mask.cumsum(-1) - 1).clamp(min=0)
-                h = self.engine.module.task_model.model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                h = tr.engine.module.task_model.model(input_ids=ids, attention_mask=mask, position_ids=pos,
                                                         use_cache=False).last_hidden_state
-                nxt = self.engine.module.task_model.lm_head(h[:, -1]).argmax(-1)
+                nxt = tr.engine.module.task_model.lm_head(h[:, -1]).argmax(-1)
                 for i, t in enumerate(nxt.tolist()):
                     if not done[i]:
                         if t == eos:
@@ -220,7 +226,7 @@ class FinetuneTrainer(Trainer):
                 ids = torch.cat([ids, nxt[:, None]], 1)
                 mask = torch.cat([mask, torch.ones_like(nxt)[:, None]], 1)
             out += new
-        self.engine.train()
+        tr.engine.train()
         return out
 
     def generate_samples(self, split: str, limit: int | None) -> dict[str, float]:
@@ -237,12 +243,11 @@ class FinetuneTrainer(Trainer):
 
     # ------------------------------------------------------------------ run state
     def state_dict(self) -> dict[str, Any]:
-        sd = super().state_dict()
-        sd["finetune"] = {"best": self.best, "evals_without_improvement": self.evals_without_improvement}
-        return sd
+        return {"loader": self._loader.state_dict(),
+                "finetune": {"best": self.best, "evals_without_improvement": self.evals_without_improvement}}
 
     def load_state_dict(self, sd: dict[str, Any], allow_data_change: bool = False) -> None:
-        super().load_state_dict(sd, allow_data_change)
+        self._loader.load_state_dict(sd["loader"], allow_data_change)
         ft = sd.get("finetune") or {}
         self.best = ft.get("best")
         self.evals_without_improvement = ft.get("evals_without_improvement", 0)
@@ -275,26 +280,24 @@ class BestCheckpoint(Callback):
         self.lower_is_better = self.metric.endswith("loss") or self.metric.endswith("ppl")
         self.checkpointer = checkpointer
 
-    def on_eval_end(self, trainer: FinetuneTrainer, metrics: dict[str, float]) -> None:
-        from lmforge.rundir import mark_best, step_tag
+    def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
+        from lmforge.rundir import checkpoint_dir, mark_best
 
         if self.metric not in metrics:
             raise ConfigError(f"train.select_metric: '{self.metric}' is not among the validation metrics "
                                      f"{sorted(metrics)}")
+        obj: TaskObjective = trainer.objective
         value = metrics[self.metric]
-        best = trainer.best
+        best = obj.best
         better = best is None or (value < best["value"] if self.lower_is_better else value > best["value"])
         if better:
-            trainer.best = {"metric": self.metric, "value": value, "step": trainer.state.step}
-            trainer.evals_without_improvement = 0
+            obj.best = {"metric": self.metric, "value": value, "step": trainer.state.step}
+            obj.evals_without_improvement = 0
             self.checkpointer._save(trainer, "best")
             if trainer.dist.is_main:
-                from pathlib import Path
-
-                mark_best(trainer.cfg.run_dir, Path(trainer.cfg.run_dir) / "checkpoints" / step_tag(trainer.state.step),
-                          trainer.best)
+                mark_best(trainer.cfg.run_dir, checkpoint_dir(trainer.cfg.run_dir, trainer.state.step), obj.best)
         else:
-            trainer.evals_without_improvement += 1
+            obj.evals_without_improvement += 1
             patience = trainer.cfg.train.early_stopping_patience
-            if patience and trainer.evals_without_improvement >= patience:
-                trainer.stop_requested = trainer.early_stopped = True
+            if patience and obj.evals_without_improvement >= patience:
+                trainer.stop_requested = obj.early_stopped = True
