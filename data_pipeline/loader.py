@@ -269,12 +269,14 @@ def eval_batches(
     split: str = "val",
     tokenizer_sha256: str | None = None,
     max_open: int = MAX_OPEN_SHARDS,
+    verify: bool = True,
 ) -> Iterator[np.ndarray]:
     """Validation windows in order, spread evenly over the split when ``max_samples`` is smaller
-    than it; every rank gets the same count. The shard files are closed when the pass ends."""
+    than it; every rank gets the same count. The shard files are closed when the pass ends.
+    ``verify``: hash each shard before its first use in this pass (training verifies once per job instead)."""
     roots = [shards] if isinstance(shards, str | Path) else list(shards)
     held = [r for r in roots if Manifest(r).tokens(split) > 0]
-    stores = [TokenStore(r, split, max_open=_per_store(max_open, len(held))) for r in held]
+    stores = [TokenStore(r, split, verify, _per_store(max_open, len(held))) for r in held]
     if not stores:
         raise DataError(f"no '{split}' tokens in {', '.join(map(str, roots))}: build with --val-docs N to evaluate")
     _check_tokenizers(stores, tokenizer_sha256)

@@ -435,3 +435,44 @@ def export_task_model(state_dict: dict[str, torch.Tensor], task: Task, backbone:
             shutil.copy(backbone.hf_dir / "generation_config.json", tmp / "generation_config.json")
         tok.save(tmp)
     return out
+
+
+def task_flops_per_token(m: ModelConfig, vocab_size: int, seq_len: float, head: int, frozen_layers: int = 0,
+                         grads_below: bool = False, aux_lm: bool = False) -> float:
+    """Training FLOPs per token of a task model, counted like :func:`pretrain.model.flops_per_token` (PaLM:
+    2 per matmul parameter forward, 4 backward) but for what really runs: ``head`` task-head matmul
+    parameters instead of the LM head (unless ``aux_lm`` adds it back, or the head *is* it: sft), and the
+    first ``frozen_layers`` blocks forward only (2·N, attention 4·d·T) — or forward plus activation gradients
+    (4·N, 12·d·T) when ``grads_below``: trainable embeddings under them still need those."""
+    from pretrain.model import param_breakdown
+
+    parts = param_breakdown(m, vocab_size)
+    L, d = m.num_layers, m.hidden_size
+    k = min(max(frozen_layers, 0), L)
+    per_layer = parts["blocks"] / L
+    attn = d * seq_len  # QKᵀ and softmax·V: 4·d·T FLOPs forward per token and layer, 8·d·T backward
+    trained = (L - k) * (6 * per_layer + 12 * attn)
+    frozen = k * ((4 * per_layer + 12 * attn) if grads_below else (2 * per_layer + 4 * attn))
+    other = parts["other"] * (6 if k < L else 2)  # final norm
+    lm = 0.0
+    if aux_lm:
+        lm = 6.0 * (vocab_size * d + ((d * d + d) if m.kind == "masked" else 0))  # (BERT's MLM transform too)
+    return float(trained + frozen + other + 6 * head + lm)
+
+
+def finetune_flops_per_token(cfg: FinetuneConfig, task: Task, vocab_size: int, mean_len: float) -> float:
+    """:func:`task_flops_per_token` of a fine-tuning run, at the mean real length of its training features
+    (MFU counts real tokens only: padding is not useful work)."""
+    m, t, d = cfg.model, cfg.transfer, cfg.model.hidden_size
+    if task.name == "sft":
+        head = vocab_size * d  # the LM head is the task head
+    elif task.name == "question_answering":
+        head = 2 * d  # start and end logits
+    else:
+        head = task.num_labels * d
+        if m.kind == "masked" and task.name == "sequence_classification":
+            head += d * d  # BERT's pooler
+    k = m.num_layers if t.freeze_backbone else t.freeze_layers
+    grads_below = k > 0 and not (t.freeze_backbone or t.freeze_embeddings)
+    return task_flops_per_token(m, vocab_size, mean_len, head, k, grads_below,
+                                aux_lm=bool(t.aux_lm_weight) and task.name != "sft")

@@ -23,7 +23,14 @@ from typing import Any
 from data_pipeline.tokenizer import Tokenizer
 from finetune.config import FinetuneConfig
 from finetune.data import split_validation
-from finetune.model import Backbone, build_module, export_task_model, param_groups, resolve_backbone
+from finetune.model import (
+    Backbone,
+    build_module,
+    export_task_model,
+    finetune_flops_per_token,
+    param_groups,
+    resolve_backbone,
+)
 from finetune.objective import BestCheckpoint, TaskLoader, TaskObjective
 from finetune.tasks import Task, Vocab, make_task
 from lmforge.config import dump_yaml, freeze, resolved
@@ -94,7 +101,7 @@ def build(setup: Setup, info: DistInfo) -> Trainer:
                         info.world_size, cfg.data.seed, task.collate)
     ids = special_ids(tok, backbone.model.kind, need_mask=False)
     objective = TaskObjective(cfg, task, splits, loader, ids, tok.fingerprint)
-    from pretrain.model import flops_per_token
+    mean_len = sum(len(f["input_ids"]) for f in splits["train"][1]) / n_train  # MFU counts real tokens only
 
     def describe(module, how: str, offload: str) -> str:
         n_total = sum(param_numel(p) for p in module.parameters())
@@ -109,7 +116,7 @@ def build(setup: Setup, info: DistInfo) -> Trainer:
 
     return build_trainer(
         cfg, info, plan, objective, lambda conf: build_module(cfg, task, backbone, conf),
-        flops_per_token(cfg.model, tok.vocab_size, cfg.task.max_seq_len), target, describe,
+        finetune_flops_per_token(cfg, task, tok.vocab_size, mean_len), target, describe,
         param_groups=lambda module: param_groups(module, cfg),
         stage_callbacks=lambda checkpointer: [BestCheckpoint(cfg.train.select_metric, checkpointer)],
     )

@@ -155,3 +155,22 @@ def best_checkpoint(run_dir: str | Path) -> dict[str, Any] | None:
 def mark_best(run_dir: str | Path, step_dir: Path, record: dict[str, Any]) -> None:
     """Rank 0: name ``step_dir`` the best checkpoint (atomically)."""
     atomic_write_text(Path(run_dir) / CKPT / BEST, json.dumps({"tag": step_dir.name, **record}, indent=1))
+
+
+# ---------------------------------------------------------------- shards verified by this run
+SHARDS_VERIFIED = "shards_verified.json"
+
+
+def verified_shards(run_dir: str | Path) -> dict[str, list]:
+    """``{shard path: [sha256, size, mtime_ns]}`` of the shard files this run has hashed (empty if none)."""
+    f = Path(run_dir) / SHARDS_VERIFIED
+    try:
+        return json.loads(f.read_text())["files"]
+    except (OSError, ValueError, KeyError):
+        return {}  # none yet, or unreadable: everything is hashed again, which is only slower
+
+
+def mark_shards_verified(run_dir: str | Path, files: dict[str, list]) -> None:
+    """Rank 0: record hashed shard files (merged with the record so far), so a requeue does not hash them again."""
+    record = {**verified_shards(run_dir), **files}
+    atomic_write_text(Path(run_dir) / SHARDS_VERIFIED, json.dumps({"files": record}, indent=0) + "\n")

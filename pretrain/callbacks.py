@@ -13,15 +13,33 @@ from lmforge.errors import ConfigError
 from lmforge.log import print0, progress_enabled
 from pretrain.trainer import Callback, Trainer
 
-# Dense bf16 peak FLOP/s per device (vendor datasheets, without sparsity).
-PEAK_FLOPS = {
-    "H200": 989e12,
-    "H100": 989e12,  # SXM; PCIe is 756e12
-    "A100": 312e12,
-    "L40S": 362e12,
-    "A10G": 125e12,
-    "V100": 125e12,  # fp16 tensor cores
-}
+# Dense (no sparsity) tensor-core peak FLOP/s per device and precision, from the vendors' datasheets.
+# fp32 is the TF32 tensor-core peak: lmforge enables TF32 for fp32 matmuls on Ampere and later
+# (pretrain.dist.init_distributed). Matched on torch.cuda.get_device_name(), the first pattern that
+# matches wins, so the specific names come before the general ones.
+GPU_PEAKS: list[tuple[str, str, dict[str, float]]] = [
+    # (pattern, what it is, {precision: FLOP/s})
+    (r"H100.*PCIe", "H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 378e12}),
+    (r"H100 NVL", "H100 NVL", {"bf16": 835e12, "fp16": 835e12, "fp32": 418e12}),
+    (r"H100", "H100 SXM", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),  # "NVIDIA H100 80GB HBM3"
+    (r"H200", "H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 494e12}),  # H100 SXM's compute, more memory
+    (r"A100", "A100 40/80 GB", {"bf16": 312e12, "fp16": 312e12, "fp32": 156e12}),  # SXM4 and PCIe alike
+    (r"L40S", "L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 183e12}),
+    (r"A10G", "A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12}),
+    (r"V100", "V100", {"fp16": 125e12, "fp32": 15.7e12}),  # no bf16 on Volta
+]
+
+
+def gpu_peak_flops(device_name: str, precision: str) -> tuple[float, str]:
+    """(peak FLOP/s, what matched) for a CUDA device name in the run's precision; 0 when unknown."""
+    import re
+
+    for pattern, what, peaks in GPU_PEAKS:
+        if re.search(pattern, device_name):
+            if precision in peaks:
+                return peaks[precision], f"table: {what} {precision}"
+            return 0.0, f"{what} has no {precision} peak in the table: set metrics.peak_flops"
+    return 0.0, f"unknown GPU {device_name}: set metrics.peak_flops"
 
 
 def load_callbacks(specs: list[str]) -> list[Callback]:
@@ -42,13 +60,15 @@ def load_callbacks(specs: list[str]) -> list[Callback]:
     return out
 
 
-def measured_cpu_flops(n: int = 512, trials: int = 5, seconds: float = 0.1) -> float:
-    """FLOP/s of this process's fp32 matmul: the CPU 'peak' for MFU (honours OMP_NUM_THREADS).
+def measured_cpu_flops(dtype: torch.dtype = torch.float32, n: int = 512, trials: int = 5,
+                       seconds: float = 0.1) -> float:
+    """FLOP/s of this process's matmul in ``dtype``: the CPU 'peak' for MFU (honours OMP_NUM_THREADS).
 
-    The best of several short trials, so that a moment of contention at start-up does not lower
-    the peak (and inflate MFU).
+    In the run's precision: CPUs with AMX or AVX512-BF16 multiply bf16 faster than fp32 (2.3x on the
+    2-core test machine), so an fp32 peak would put a bf16 run's MFU above 100%. The best of several
+    short trials, so that a moment of contention at start-up does not lower the peak (and inflate MFU).
     """
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b  # warm-up
     best = 0.0
     for _ in range(trials):
@@ -60,19 +80,18 @@ def measured_cpu_flops(n: int = 512, trials: int = 5, seconds: float = 0.1) -> f
     return best
 
 
-def device_peak_flops(configured: float | None) -> tuple[float, str]:
-    """Per-device peak and where it came from (config, GPU table, or a CPU measurement)."""
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def device_peak_flops(configured: float | None, precision: str = "fp32") -> tuple[float, str]:
+    """Per-device peak in the run's precision and where it came from (config, GPU table, or a CPU measurement)."""
     if configured:
         return configured, "config"
     if torch.cuda.is_available():
-        name = torch.cuda.get_device_name()
-        for key, flops in PEAK_FLOPS.items():
-            if key in name:
-                return flops, f"table:{key}"
-        return 0.0, f"unknown GPU {name}: set metrics.peak_flops"
+        return gpu_peak_flops(torch.cuda.get_device_name(), precision)
     if torch.distributed.is_initialized():
         torch.distributed.barrier()  # every rank measures at once, as they compute: the peak of a shared CPU
-    return measured_cpu_flops(), "measured CPU matmul"
+    return measured_cpu_flops(DTYPES[precision]), f"measured CPU {precision} matmul"
 
 
 def peak_memory_gb(device: torch.device) -> float:

@@ -38,7 +38,7 @@ class DataConfig:
     weights: list[float] | None = None  # mixture weights, one per shard directory
     seq_len: int = 256  # tokens per training sample
     seed: int = 1234  # shuffling seed (the global sample order depends on it, not on the world size)
-    verify_shards: bool = True  # hash each shard before its first use
+    verify_shards: bool = True  # hash every shard once per job, striped over the ranks, before training (a requeue trusts the record)
 
 
 @dataclass
@@ -79,7 +79,7 @@ class ZeroConfig:
     # build it whole on every rank, then partition; None = on GPUs only (on DeepSpeed's CPU accelerator
     # the whole build is faster and peaks lower: freed full-size tensors stay in the C heap, bench/model_init.py)
     partitioned_init: bool | None = None
-    ds_config: str | None = None  # engine settings JSON; None = ds_configs/zero{stage}[_offload].json
+    ds_config: str | None = None  # engine settings JSON; None = ds_configs/[gpu/]zero{stage}[_offload].json (gpu/ on CUDA)
 
 
 @dataclass

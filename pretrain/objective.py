@@ -41,6 +41,45 @@ def shard_tokenizer(shards: list[str], vocab_size: int | None = None):
     return tok
 
 
+def verify_shards_once(shards: list[str], run_dir: str | Path, rank: int, world_size: int) -> None:
+    """Hash every shard file (all splits) once per job, striped over the ranks, before training reads any.
+
+    A shard this run already hashed, whose size and modification time have not changed since, is not
+    hashed again (a requeued job starts at once). One collective gathers the ranks' findings: every
+    rank stops with the same one-line error naming the damaged shard(s).
+    """
+    from data_pipeline.shards import Manifest
+    from lmforge.log import print0
+    from lmforge.rundir import mark_shards_verified, verified_shards
+
+    known = verified_shards(run_dir)
+    files = [(m, s) for root in shards for m in [Manifest(root)] for split in m.splits() for s in m.shards(split)]
+
+    def stamp(s) -> list:
+        st = s.path.stat()
+        return [s.sha256, st.st_size, st.st_mtime_ns]
+
+    todo = [(m, s) for m, s in files if not s.path.is_file() or known.get(str(s.path)) != stamp(s)]
+    problems, done = [], {}
+    for m, s in todo[rank::world_size]:
+        if problem := m.verify_shard(s):
+            problems.append(problem)
+        else:
+            done[str(s.path)] = stamp(s)
+    if world_size > 1:
+        gathered: list = [None] * world_size
+        dist.all_gather_object(gathered, (problems, done))
+        problems = [p for g in gathered for p in g[0]]
+        done = {k: v for g in gathered for k, v in g[1].items()}
+    if problems:
+        more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+        raise DataError(f"refusing to train on a damaged shard: {sorted(problems)[0]}{more}; rebuild or restore it")
+    if rank == 0 and done:
+        mark_shards_verified(run_dir, done)
+    print0(f"shards verified: {len(todo)} hashed on {world_size} rank(s), {len(files) - len(todo)} already "
+           "verified by this run")
+
+
 def special_ids(tok, kind: str, need_mask: bool | None = None) -> dict[str, int]:
     """bos/eos/pad/unk (and ``mask`` for a masked LM) of a tokenizer. ``need_mask`` (default: a masked
     model needs one) raises a clear error when the tokenizer has no ``<mask>``."""
@@ -121,7 +160,8 @@ class LanguageModeling(Objective):
         t = self.trainer
         total = torch.zeros(2, dtype=torch.float64, device=t.dist.device)  # (sum of losses, tokens)
         batches = eval_batches(self.shards, self.seq_len, t.plan.micro_batch_per_rank, t.dist.rank, t.dist.world_size,
-                               max_samples=self.eval_samples, tokenizer_sha256=self.tokenizer_sha256)
+                               max_samples=self.eval_samples, tokenizer_sha256=self.tokenizer_sha256,
+                               verify=False)  # verified once per job (verify_shards_once), or not asked for
         for i, arr in enumerate(batches):
             batch = torch.from_numpy(arr)
             loss = self.loss(batch, micro_step=i, train=False)

@@ -14,7 +14,7 @@ from pretrain.checkpoint import ResumeTarget, ensure_universal, resolve_resume
 from pretrain.config import PretrainConfig
 from pretrain.dist import DistInfo, init_distributed, launch_env, shutdown
 from pretrain.engine import batch_plan, param_numel, resolve_precision
-from pretrain.objective import LanguageModeling, shard_tokenizer, special_ids
+from pretrain.objective import LanguageModeling, shard_tokenizer, special_ids, verify_shards_once
 from pretrain.runtime import build_trainer
 from pretrain.trainer import Callback, Trainer, TrainState
 
@@ -55,10 +55,12 @@ def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] |
     ids = special_ids(tok, cfg.model.kind)
     run_dir = prepare_run_dir(cfg, tok, info)
     plan = batch_plan(cfg, info.world_size)
+    if cfg.data.verify_shards:
+        verify_shards_once(cfg.data.shards, run_dir, info.rank, info.world_size)
     loader = ShardLoader(
         cfg.data.shards, cfg.data.seq_len, plan.micro_batch_per_rank, seed=cfg.data.seed, rank=info.rank,
         world_size=info.world_size, weights=cfg.data.weights, tokenizer_sha256=tok.fingerprint,
-        verify=cfg.data.verify_shards,
+        verify=False,  # verified above, once for the job
     )
     objective = LanguageModeling(cfg.model.kind, loader, ids, tok.fingerprint, cfg.data.shards, cfg.data.seq_len,
                                  cfg.train.seed, cfg.model.mlm_probability, cfg.train.eval_samples, cfg.train.max_tokens)

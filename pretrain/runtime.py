@@ -23,6 +23,7 @@ from pretrain.engine import (
     build_engine,
     builds_partitioned,
     ds_config,
+    engine_settings_name,
     offload_summary,
 )
 from pretrain.trainer import Callback, Objective, Trainer
@@ -45,7 +46,7 @@ def build_trainer(
 
     ``make_model(ds_config)`` builds the module (inside ZeRO-3's partitioned init when ``ds_config`` is
     not None); ``describe(model, how, offload)`` is the stage's start-up line (``how``: "ZeRO-3 (built
-    partitioned), bf16"; ``offload``: what the engine offloads, or ""); ``param_groups(model)`` its optimizer groups (None: decay on ≥2-D weights only);
+    partitioned), bf16, engine settings ds_configs/gpu/zero3.json"; ``offload``: what the engine offloads, or ""); ``param_groups(model)`` its optimizer groups (None: decay on ≥2-D weights only);
     ``stage_callbacks(checkpointer)`` callbacks that save through the checkpointer (the best checkpoint).
     """
     from pretrain.model import is_partitioned
@@ -57,13 +58,14 @@ def build_trainer(
     built = " (built partitioned)" if is_partitioned(model) else ""  # read from the parameters, before the engine
     engine = build_engine(model, spec, plan, load_universal=universal,
                           param_groups=param_groups(model) if param_groups else None)
-    peak, source = device_peak_flops(cfg.metrics.peak_flops)
+    peak, source = device_peak_flops(cfg.metrics.peak_flops, cfg.precision)
     log_dir = f"{cfg.run_dir}/tensorboard" if cfg.metrics.tensorboard else None
     checkpointer = Checkpointer(cfg.checkpoint)
     callbacks: list[Callback] = [checkpointer, *(stage_callbacks(checkpointer) if stage_callbacks else []),
                                  MetricsLogger(log_dir, flops_per_token, peak, source), ProgressBar(cfg.train.progress),
                                  *load_callbacks(cfg.callbacks), *(extra_callbacks or [])]
-    print0(describe(model, f"ZeRO-{cfg.zero.stage}{built}, {cfg.precision}", offload_summary(engine)))
+    how = f"ZeRO-{cfg.zero.stage}{built}, {cfg.precision}, engine settings {engine_settings_name(cfg.zero)}"
+    print0(describe(model, how, offload_summary(engine)))
     trainer = Trainer(cfg, engine, objective, info, plan, callbacks)
     if target is not None:
         restore(trainer, target)
