@@ -64,7 +64,9 @@ class TaskLoader:
         if self._micro_calls == self.accum:
             self._micro_calls = 0
             self.consumed += self.global_batch
-        return self.collate([self.feats[i] for i in idx])
+        rows = [self.feats[i] for i in idx]
+        self.last_tokens = sum(len(f["input_ids"]) for f in rows)  # real tokens: the collate pads after them
+        return self.collate(rows)
 
     @property
     def epoch(self) -> float:
@@ -93,7 +95,7 @@ class TaskObjective(Objective):
         self.evals_without_improvement = 0
         self.early_stopped = False
         self._local_tokens = 0
-        self._last_parts: dict[str, float] = {}
+        self._last_parts: dict[str, torch.Tensor] = {}
         self.last_generations: list[dict[str, str]] = []
 
     @property
@@ -105,16 +107,13 @@ class TaskObjective(Objective):
 
     def next_batch(self):
         batch = self._loader.next_batch()
-        self._local_tokens += int(batch["attention_mask"].sum())
+        self._local_tokens += self._loader.last_tokens
         return batch
 
-    def step_tokens(self) -> int:
-        """Real (unpadded) tokens of the step, all ranks together."""
-        n = torch.tensor([float(self._local_tokens)], device=self.trainer.dist.device)
-        self._local_tokens = 0
-        if self.trainer.dist.world_size > 1:
-            dist.all_reduce(n)
-        return int(n.item())
+    def local_step_tokens(self) -> int:
+        """This rank's real (unpadded) tokens of the step (summed over ranks in the step's one collective)."""
+        n, self._local_tokens = self._local_tokens, 0
+        return n
 
     def eval_every(self) -> int:
         return self.cfg.train.eval_every or self.steps_per_epoch
@@ -136,10 +135,10 @@ class TaskObjective(Objective):
 
     def loss(self, batch, micro_step: int = 0, train: bool = True) -> torch.Tensor:
         out = self.trainer.engine(**self._prepare(batch, micro_step, train))
-        self._last_parts = {k: float(out[k].detach()) for k in ("task_loss", "lm_loss") if k in out}
+        self._last_parts = {k: out[k].detach() for k in ("task_loss", "lm_loss") if k in out}  # read when logged
         return out["loss"]
 
-    def step_metrics(self) -> dict[str, float]:
+    def step_metrics(self) -> dict[str, Any]:
         m = {f"train/{k}": v for k, v in self._last_parts.items()}  # this rank's last micro-batch
         m["train/epoch"] = self._loader.epoch
         return m

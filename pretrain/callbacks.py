@@ -128,6 +128,7 @@ class MetricsLogger(Callback):
         if step % trainer.cfg.train.log_every and step < trainer.cfg.train.max_steps:
             return
         scalars = self._aggregate(trainer)
+        trainer.logged = scalars  # what the progress bar shows
         if self.writer is not None:
             for k, v in scalars.items():
                 self.writer.add_scalar(k, v, step)
@@ -139,14 +140,26 @@ class MetricsLogger(Callback):
         )
 
     def _aggregate(self, trainer: Trainer) -> dict[str, float]:
+        """The window's metrics, read back from the device here (a logging step) and nowhere else: each
+        step's loss is averaged over ranks in one all-reduce of the whole window."""
         w, self._window = self._window, []
+        losses = torch.stack([torch.as_tensor(m["train/loss"], dtype=torch.float32, device=trainer.dist.device)
+                              for m in w])
+        mem = torch.tensor([peak_memory_gb(trainer.dist.device)], device=trainer.dist.device)
+        if trainer.dist.world_size > 1:
+            dist.all_reduce(losses)  # a skipped step is NaN on every rank (the skip is agreed)
+            losses /= trainer.dist.world_size
+            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
+        step_losses = losses.tolist()
+        for m, loss in zip(w, step_losses):
+            m["train/loss"] = loss
         ok = [m for m in w if m["train/loss"] == m["train/loss"]]  # not NaN: skipped steps have no loss
         seconds = sum(m["train/step_time"] for m in w)
         tps = sum(m.get("train/step_tokens", trainer.plan.tokens_per_step) for m in w) / max(seconds, 1e-9)
-        out = {k: v for k, v in w[-1].items() if k != "train/step_tokens"}
+        out = {k: float(v) for k, v in w[-1].items() if k != "train/step_tokens"}
         if ok:
             out["train/loss"] = sum(m["train/loss"] for m in ok) / len(ok)
-            norms = [m["train/grad_norm"] for m in ok if "train/grad_norm" in m]
+            norms = [float(m["train/grad_norm"]) for m in ok if "train/grad_norm" in m]
             if norms:
                 out["train/grad_norm"] = sum(norms) / len(norms)
         out["train/step_time"] = seconds / len(w)
@@ -154,9 +167,6 @@ class MetricsLogger(Callback):
         out["train/mfu"] = (
             self.flops_per_token * tps / (self.peak_flops * trainer.dist.world_size) if self.peak_flops else 0.0
         )
-        mem = torch.tensor([peak_memory_gb(trainer.dist.device)], device=trainer.dist.device)
-        if trainer.dist.world_size > 1:
-            dist.all_reduce(mem, op=dist.ReduceOp.MAX)
         out["sys/peak_mem_gb"] = float(mem)
         for m in w:  # an evaluation inside the window is reported with it
             out.update({k: v for k, v in m.items() if k.startswith("eval/")})
@@ -190,7 +200,9 @@ class ProgressBar(Callback):
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if self.bar is not None:
             self.bar.update(1)
-            self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}", refresh=False)
+            logged = getattr(trainer, "logged", None)  # the last logged loss: reading each step's would sync
+            if logged and "train/loss" in logged:
+                self.bar.set_postfix(loss=f"{logged['train/loss']:.3f}", refresh=False)
 
     def on_train_end(self, trainer: Trainer) -> None:
         if self.bar is not None:

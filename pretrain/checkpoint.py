@@ -393,15 +393,16 @@ class Checkpointer(Callback):
     def _handle(self, signum, frame) -> None:
         self.signalled = True
 
-    def _signal_anywhere(self, trainer) -> bool:
-        flag = torch.tensor([1.0 if self.signalled else 0.0], device=trainer.dist.device)
-        if trainer.dist.world_size > 1:
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
+    def step_flags(self, trainer) -> dict[str, float]:
+        """Votes for the step's one collective: a signal on any rank stops every rank; the save interval in
+        minutes is rank 0's clock (clocks differ per rank)."""
+        due = (bool(self.c.interval_minutes) and trainer.dist.is_main
+               and time.time() - self.last_save_time >= 60 * self.c.interval_minutes)
+        return {"signal": 1.0 if self.signalled else 0.0, "save_due": 1.0 if due else 0.0}
 
     def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
         step = trainer.state.step
-        if self.c.on_signal and self._signal_anywhere(trainer):
+        if self.c.on_signal and trainer.agreed.get("signal", 0) > 0:
             self._save(trainer, "signal")
             trainer.stop_requested = True
             trainer.preempted = True
@@ -412,12 +413,7 @@ class Checkpointer(Callback):
             trainer.stop_requested = True
             return
         due_steps = self.c.interval_steps and step % self.c.interval_steps == 0
-        due_time = bool(self.c.interval_minutes) and time.time() - self.last_save_time >= 60 * self.c.interval_minutes
-        if self.c.interval_minutes and trainer.dist.world_size > 1:  # clocks differ per rank: rank 0 decides
-            t = torch.tensor([1.0 if due_time else 0.0], device=trainer.dist.device)
-            dist.broadcast(t, src=0)
-            due_time = bool(t.item())
-        if due_steps or due_time:
+        if due_steps or trainer.agreed.get("save_due", 0) > 0:
             self._save(trainer, "interval")
 
     def on_eval_end(self, trainer, metrics: dict[str, float]) -> None: ...

@@ -50,14 +50,7 @@ def dry_run(cfg: PretrainConfig, ranks: int) -> int:
     """Resolved config, parameter count, FLOPs/token and per-rank memory — nothing is allocated."""
     from pretrain.estimate import describe, saves_line
 
-    vocab = cfg.model.vocab_size
-    if vocab is None:
-        from pretrain.objective import shard_tokenizer
-
-        vocab = shard_tokenizer(cfg.data.shards).vocab_size if cfg.data.shards else None
-    if vocab is None:
-        raise ConfigError("model.vocab_size is unset and there are no data.shards to take it from: pass --model.vocab_size=N")
-    info = describe(cfg, vocab_size=vocab, world_size=ranks)
+    info = describe(cfg, vocab_size=estimate_vocab_size(cfg), world_size=ranks)
     print(dump_yaml(cfg), end="")
     print("# --- dry run ---")
     print(json.dumps(info, indent=1))
@@ -66,6 +59,18 @@ def dry_run(cfg: PretrainConfig, ranks: int) -> int:
                        f"{info['micro_batch_size']} x accum {info['grad_accum_steps']} x {ranks} ranks"))
     print(saves_line(info["checkpoint"]))
     return 0
+
+
+def estimate_vocab_size(cfg: PretrainConfig) -> int:
+    """The vocabulary a size estimate counts: ``model.vocab_size``, else the shards' tokenizer's."""
+    vocab = cfg.model.vocab_size
+    if vocab is None and cfg.data.shards:
+        from pretrain.objective import shard_tokenizer
+
+        vocab = shard_tokenizer(cfg.data.shards).vocab_size
+    if vocab is None:
+        raise ConfigError("model.vocab_size is unset and there are no data.shards to take it from: pass --model.vocab_size=N")
+    return vocab
 
 
 def cli() -> None:

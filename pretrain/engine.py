@@ -1,8 +1,8 @@
 """The DeepSpeed engine: batch arithmetic, precision and optimizer in one place.
 
-``ds_configs/*.json`` hold engine settings only (ZeRO stage, offload, buckets). Everything a
-recipe decides — batch sizes, precision, clipping, the optimizer and its schedule — comes from
-the typed config and is merged in here, so the two can never disagree.
+``ds_configs/*.json`` (CPU) and ``ds_configs/gpu/*.json`` (CUDA) hold engine settings only (ZeRO stage,
+offload, buckets). Everything a recipe decides — batch sizes, precision, clipping, the optimizer and its
+schedule — comes from the typed config and is merged in here, so the two can never disagree.
 """
 
 from __future__ import annotations
@@ -135,10 +135,19 @@ BF16_GRAD_ACCUM_DTYPE = "fp32"  # fp16 and fp32 runs keep DeepSpeed's default
 
 
 def ds_config_path(zero: ZeroConfig) -> Path:
+    """The engine JSON: ``zero.ds_config`` when set, else ``ds_configs/gpu/`` on CUDA and ``ds_configs/`` on
+    the CPU (``ds_configs/README.md`` gives every value's reason: overlapped communication and 2e8-element
+    buckets on GPUs, no overlap and 5e7 buckets on a 2-core CPU)."""
     if zero.ds_config:
         return Path(zero.ds_config)
     name = f"zero{zero.stage}_offload.json" if zero.offload_param else f"zero{zero.stage}.json"
-    return REPO / "ds_configs" / name
+    return REPO / "ds_configs" / ("" if _cpu_accelerator() else "gpu") / name
+
+
+def engine_settings_name(zero: ZeroConfig) -> str:
+    """The engine JSON as the start-up line names it: relative to the checkout when it is one of ours."""
+    path = ds_config_path(zero)
+    return str(path.relative_to(REPO)) if path.is_relative_to(REPO) else str(path)
 
 
 def ds_config(spec: EngineSpec, plan: BatchPlan, load_universal: bool = False) -> dict[str, Any]:
@@ -175,6 +184,7 @@ def ds_config(spec: EngineSpec, plan: BatchPlan, load_universal: bool = False) -
                 "eps": o.eps,
                 "weight_decay": o.weight_decay,
                 "torch_adam": _torch_adam(spec.zero),
+                **_fused_adam(spec.zero),
                 "adam_w_mode": True,
             },
         },
@@ -219,6 +229,13 @@ def _torch_adam(zero: ZeroConfig) -> bool:
     built on first use, much faster than torch's AdamW on host memory); on DeepSpeed's CPU accelerator
     everything is in host memory already and torch's AdamW is used, so nothing is compiled."""
     return not zero.offload_optimizer or _cpu_accelerator()
+
+
+def _fused_adam(zero: ZeroConfig) -> dict[str, bool]:
+    """torch's fused AdamW on CUDA (one kernel per step for all parameters, instead of one per tensor per
+    operation; nothing to compile: DeepSpeed passes the flag on to torch.optim.AdamW). Not on the CPU
+    accelerator (the foreach path measured best there) nor with offload (DeepSpeedCPUAdam then)."""
+    return {} if zero.offload_optimizer or _cpu_accelerator() else {"fused": True}
 
 
 def offload_summary(engine) -> str:

@@ -69,7 +69,8 @@ def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] |
     def make_model(conf):  # every ZeRO stage starts from the same weights; ZeRO-3 builds them already partitioned
         if conf is not None:
             return build_model_partitioned(cfg.model, tok.vocab_size, conf, **model_ids)
-        return build_model(cfg.model, tok.vocab_size, **model_ids)
+        # on the rank's own device (a GPU), not in host memory on every rank and then copied over
+        return build_model(cfg.model, tok.vocab_size, device=info.device, **model_ids)
 
     def describe(model, how: str, offload: str) -> str:
         n_params = sum(param_numel(p) for p in model.parameters())

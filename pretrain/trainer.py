@@ -61,9 +61,10 @@ class Objective:
         """The scalar loss of one micro-batch (kept on the device)."""
         raise NotImplementedError
 
-    def step_tokens(self) -> int:
-        """Training tokens of the step just taken, all ranks together."""
-        return self.trainer.plan.tokens_per_step
+    def local_step_tokens(self) -> int | None:
+        """This rank's training tokens in the step just taken, summed over ranks in the step's collective;
+        None: every step trains ``plan.tokens_per_step`` (packed windows)."""
+        return None
 
     def has_validation(self) -> bool:
         return False
@@ -99,6 +100,10 @@ class Callback:
     def on_loss(self, trainer: Trainer, loss: torch.Tensor, micro_step: int) -> torch.Tensor:
         """The training loss of one micro-batch, before the backward (fault injection in tests)."""
         return loss
+    def step_flags(self, trainer: Trainer) -> dict[str, float]:
+        """This rank's votes for decisions every rank must take together at the end of the step (e.g.
+        ``{"signal": 1.0}``); summed over ranks in the step's one collective into ``trainer.agreed``."""
+        return {}
     def on_step_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None: ...
     def on_train_end(self, trainer: Trainer) -> None: ...
@@ -119,6 +124,12 @@ class Trainer:
         objective.attach(self)
         self._has_val = objective.has_validation()
         self._loss_hooks = [cb for cb in self.callbacks if getattr(type(cb), "on_loss", Callback.on_loss) is not Callback.on_loss]
+        self.agreed: dict[str, float] = {}  # the step's decisions, the same on every rank (see _agree)
+        # ZeRO >= 1: DeepSpeed's ZeRO optimizers skip an update whose gradients are not finite (0.19:
+        # stage_1_and_2.py step(), stage3.py step(), bf16_optimizer.py step(): an invalid global norm is an
+        # "overflow"; the engine then counts engine.skipped_steps and holds the lr schedule). ZeRO-0 applies
+        # whatever it gets, so there each micro-batch's loss is checked before its backward (a collective each).
+        self._engine_skips_nonfinite = cfg.zero.stage >= 1
 
     @property
     def loader(self):
@@ -155,10 +166,43 @@ class Trainer:
         return bool(every) and self.state.step % every == 0 and self._has_val
 
     # ------------------------------------------------------------------ one step
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step over ``grad_accum_steps`` micro-batches; skipped on a non-finite loss."""
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``grad_accum_steps`` micro-batches; skipped on a non-finite loss.
+
+        One collective per step (:meth:`_agree`, before the last micro-batch's backward) decides what every
+        rank must decide alike: a non-finite loss anywhere (then the update is skipped everywhere), the
+        callbacks' votes (stop signal, checkpoint due) and the step's token count. Losses stay on the
+        device; they are read back on logging steps only (:class:`pretrain.callbacks.MetricsLogger`).
+        """
         t0 = time.perf_counter()
         self.engine.train()
+        if not self._engine_skips_nonfinite:
+            return self._train_step_checked(t0)
+        dev = self.dist.device
+        bad = torch.zeros((), device=dev)
+        loss_sum = torch.zeros((), device=dev)
+        skipped_before = self.engine.skipped_steps
+        accum = self.plan.grad_accum_steps
+        for k in range(accum):
+            batch = self.objective.next_batch()
+            loss = self.train_loss(batch, k)
+            finite = torch.isfinite(loss.detach())
+            bad = bad + (~finite).float()
+            loss_sum = loss_sum + torch.where(finite, loss.detach().float(), 0.0)
+            if k == accum - 1 and self._agree(bad)["nonfinite"]:
+                # every rank: non-finite gradients make DeepSpeed's overflow check skip the whole update
+                loss = loss * float("nan")
+            self.engine.backward(loss)
+            self.engine.step()
+        skip = bool(self.agreed["nonfinite"])
+        if skip and self.engine.skipped_steps == skipped_before:
+            raise RuntimeError("DeepSpeed applied an update with non-finite gradients; lmforge relies on its ZeRO "
+                               "optimizer skipping it (deepspeed 0.19): check the DeepSpeed version")
+        local_loss = torch.full((), float("nan"), device=dev) if skip else loss_sum / accum
+        return self._finish_step(skip, local_loss, t0)
+
+    def _train_step_checked(self, t0: float) -> dict[str, Any]:
+        """ZeRO-0: every micro-batch's loss is agreed on before its backward (the engine would apply NaNs)."""
         losses: list[torch.Tensor] = []
         skip = False
         last_good = None
@@ -180,8 +224,31 @@ class Trainer:
                 last_good = batch
             self.engine.backward(loss)
             self.engine.step()
+        self._agree(torch.zeros((), device=self.dist.device))  # the callbacks' votes and the token count
+        local_loss = torch.stack(losses).mean() if losses else torch.full((), float("nan"), device=self.dist.device)
+        return self._finish_step(skip, local_loss, t0)
+
+    def _agree(self, nonfinite: torch.Tensor) -> dict[str, float]:
+        """The step's one collective: sums over ranks of [non-finite losses, the objective's tokens, the
+        callbacks' votes], read back once into ``self.agreed``."""
+        votes: dict[str, float] = {}
+        for cb in self.callbacks:
+            votes.update(cb.step_flags(self) if hasattr(cb, "step_flags") else {})
+        names = sorted(votes)
+        local_tokens = self.objective.local_step_tokens()
+        head = torch.stack([nonfinite.double(), torch.tensor(float(local_tokens or 0), dtype=torch.float64,
+                                                             device=nonfinite.device)])
+        vec = torch.cat([head, torch.tensor([votes[n] for n in names], dtype=torch.float64, device=nonfinite.device)])
+        if self.dist.world_size > 1:
+            dist.all_reduce(vec)
+        values = vec.tolist()
+        self.agreed = {"nonfinite": values[0] > 0, **dict(zip(names, values[2:]))}
+        self.agreed["tokens"] = values[1] if local_tokens is not None else float(self.plan.tokens_per_step)
+        return self.agreed
+
+    def _finish_step(self, skip: bool, local_loss: torch.Tensor, t0: float) -> dict[str, Any]:
         self.state.step += 1
-        step_tokens = self.objective.step_tokens()
+        step_tokens = int(self.agreed["tokens"])
         self.state.tokens_seen += step_tokens
         if skip:
             self.state.skipped_steps += 1
@@ -193,7 +260,7 @@ class Trainer:
                 )
         else:
             self.state.consecutive_skips = 0
-        metrics = self._step_metrics(losses, skip, time.perf_counter() - t0)
+        metrics = self._step_metrics(local_loss, skip, time.perf_counter() - t0)
         metrics.update(self.objective.step_metrics())
         metrics["train/step_tokens"] = float(step_tokens)  # for tokens/s and MFU (not logged itself)
         return metrics
@@ -205,14 +272,11 @@ class Trainer:
             loss = cb.on_loss(self, loss, micro_step)
         return loss
 
-    def _step_metrics(self, losses: list[torch.Tensor], skipped: bool, seconds: float) -> dict[str, float]:
-        loss = torch.stack(losses).mean() if losses else torch.tensor(float("nan"))
-        if self.dist.world_size > 1 and not skipped:
-            dist.all_reduce(loss, op=dist.ReduceOp.AVG if self.dist.device.type == "cuda" else dist.ReduceOp.SUM)
-            if self.dist.device.type != "cuda":  # gloo has no AVG
-                loss /= self.dist.world_size
-        m: dict[str, float] = {
-            "train/loss": float(loss),
+    def _step_metrics(self, local_loss: torch.Tensor, skipped: bool, seconds: float) -> dict[str, Any]:
+        """The step's metrics. ``train/loss`` (this rank's mean, NaN when skipped) and ``train/grad_norm``
+        may be device tensors: the logger averages them over ranks and reads them on logging steps only."""
+        m: dict[str, Any] = {
+            "train/loss": local_loss,
             "train/lr": float(self.engine.get_lr()[0]),
             "train/step_time": seconds,
             "train/tokens_seen": float(self.state.tokens_seen),
@@ -220,7 +284,7 @@ class Trainer:
         }
         gn = None if skipped else self.engine.get_global_grad_norm()
         if gn is not None:
-            m["train/grad_norm"] = float(gn)
+            m["train/grad_norm"] = gn
         if self.cfg.precision == "fp16":
             m["train/loss_scale"] = float(getattr(self.engine.optimizer, "cur_scale", getattr(self.engine.optimizer, "loss_scale", 0.0)))
         return m

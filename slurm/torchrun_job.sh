@@ -47,7 +47,12 @@ forward_signal() {
 }
 trap forward_signal USR1
 
-srun --kill-on-bad-exit=1 --nodes="$SLURM_NNODES" --ntasks-per-node=1 \
+# GPU nodes: the one task per node (torchrun) gets all the node's cores, unbound, for its $NPROC workers and
+# their data loaders (one core per task is SLURM's default, and srun 22.05-23.02 does not inherit
+# --cpus-per-task from the job); CPU jobs keep SLURM's defaults
+CPU_OPTS=()
+if [ "$GPUS" -gt 0 ]; then CPU_OPTS=(--cpus-per-task="${SLURM_CPUS_ON_NODE:-1}" --cpu-bind=none); fi
+srun --kill-on-bad-exit=1 ${CPU_OPTS[@]+"${CPU_OPTS[@]}"} --nodes="$SLURM_NNODES" --ntasks-per-node=1 \
   "$PY" -m torch.distributed.run --nnodes "$SLURM_NNODES" --nproc_per_node "$NPROC" \
     --rdzv_backend c10d --rdzv_endpoint "$ADDR:$PORT" --rdzv_id "$SLURM_JOB_ID" \
     --signals-to-handle SIGTERM,SIGINT,SIGHUP,SIGQUIT,SIGUSR1 --shutdown-timeout "${LMFORGE_SHUTDOWN_TIMEOUT:-600}" \

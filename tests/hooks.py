@@ -72,3 +72,68 @@ class NanAt(Callback):
 def nan() -> NanAt:
     steps, _, rank = os.environ["LMFORGE_INJECT_NAN"].partition("@")
     return NanAt({int(s) for s in steps.split(",") if s}, int(rank) if rank else None)
+
+
+class CountSyncs(Callback):
+    """Counts, per optimizer step, the collectives lmforge's own code issues and its reads of tensor values
+    back to the host (``.item()``, ``float()``, ``int()``, ``bool()``, ``.tolist()``), written to
+    ``$LMFORGE_TEST_SYNCS/rank<R>.jsonl``. DeepSpeed's own calls are not counted (their caller is not ours)."""
+
+    COLLECTIVES = ("all_reduce", "broadcast", "all_gather", "all_gather_object", "all_gather_into_tensor",
+                   "reduce_scatter", "reduce_scatter_tensor", "barrier", "reduce", "gather", "scatter",
+                   "broadcast_object_list", "all_to_all")
+    READS = ("item", "__float__", "__int__", "__bool__", "tolist")
+
+    def __init__(self):
+        self.counts = {"collectives": 0, "reads": 0}
+        self.where: list[str] = []
+
+    def _ours(self, depth: int = 2) -> str | None:
+        import sys
+        from pathlib import Path
+
+        f = sys._getframe(depth)
+        path = Path(f.f_code.co_filename)
+        repo = Path(__file__).resolve().parents[1]
+        if path.is_relative_to(repo) and path.parts[len(repo.parts)] in ("pretrain", "finetune", "lmforge",
+                                                                          "data_pipeline"):
+            return f"{path.relative_to(repo)}:{f.f_lineno}"
+        return None
+
+    def _wrap(self, owner, name: str, kind: str) -> None:
+        real = getattr(owner, name)
+
+        def counted(*a, **kw):
+            if where := self._ours():
+                self.counts[kind] += 1
+                self.where.append(f"{kind} {name} {where}")
+            return real(*a, **kw)
+
+        setattr(owner, name, counted)
+
+    def on_train_start(self, trainer) -> None:
+        import torch
+        import torch.distributed as dist
+
+        for name in self.COLLECTIVES:
+            if hasattr(dist, name):
+                self._wrap(dist, name, "collectives")
+        for name in self.READS:
+            self._wrap(torch.Tensor, name, "reads")
+
+    def on_step_end(self, trainer, metrics) -> None:
+        import json
+        from pathlib import Path
+
+        step = trainer.state.step
+        row = {"step": step, **self.counts, "where": self.where,
+               "logging": step % trainer.cfg.train.log_every == 0, "saved": trainer.state.step == step and any(
+                   "checkpoint.py" in w for w in self.where)}
+        with open(Path(os.environ["LMFORGE_TEST_SYNCS"]) / f"rank{trainer.dist.rank}.jsonl", "a") as f:
+            f.write(json.dumps(row) + "\n")
+        self.counts = {"collectives": 0, "reads": 0}
+        self.where = []
+
+
+def count_syncs() -> CountSyncs:
+    return CountSyncs()
