@@ -118,7 +118,7 @@ def _plan_note(micro: int, asked: int, dp_world: int, used: int, m: int) -> str:
 # DeepSpeed sums gradients over micro-steps in the model's dtype unless ``data_types.grad_accum_dtype``
 # says otherwise (0.19.8 runtime/engine.py:1806 get_data_types: the default is the model dtype), i.e. in
 # bf16 for bf16 runs. bf16 keeps 8 significant bits, so each addend is rounded to 2^-8 of the running sum
-# and a long sum loses the small ones (the 7b preset sums 16 micro-steps at 32 ranks, 64 at 8).
+# and a long sum loses the small ones (the 7b preset sums 4 micro-steps at 32 ranks, 16 at 8).
 # With "fp32", per ZeRO stage (0.19.8; tests/test_scale_config.py builds each engine and checks):
 # - 1: engine.py:2305 _do_optimizer_sanity_check picks BF16_Optimizer (bf16_optimizer.py:191: a
 #   full-size fp32 gradient buffer per rank, optimizer states still partitioned); with optimizer

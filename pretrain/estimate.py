@@ -26,16 +26,49 @@ stage 3 the parameters are partitioned and the file per rank holds only the smal
 stage 0 also puts the optimizer in it (bf16/fp16: fp32 master + Adam m, v = 12Ψ; fp32: m, v = 8Ψ);
 stages 1-3 write ``*zero_pp_rank_R_*_optim_states.pt`` per rank: fp32 master partition + m + v = 12Ψ/N,
 for fp32 models too (the ZeRO optimizer keeps its own fp32 partition).
+
+Network traffic (:func:`comm_bytes_per_rank`) is what DeepSpeed 0.19.8 sends per optimizer step with the
+GPU engine settings (``ds_configs/gpu/``), counted in ring collectives: an all-gather or reduce-scatter of
+S bytes sends (N-1)/N·S from each of the N ranks, an all-reduce 2(N-1)/N·S (NCCL's ring algorithm; nccl-tests'
+"bus bandwidth" is this traffic over the time). Gradients and parameters travel in 16 bits for bf16/fp16
+runs (``communication_data_type`` defaults to the model dtype, engine.py:1719, also when gradients
+accumulate in fp32), in 32 for fp32. With Ψ parameters, S = 2Ψ bytes in bf16, and A micro-steps per step:
+- ZeRO-0: one gradient all-reduce at the accumulation boundary, after backward (engine.py:3088
+  "Communicate only at gradient accumulation boundaries"): 2S(N-1)/N.
+- ZeRO-1: the same all-reduce once per step, and an all-gather of the updated 16-bit parameters after the
+  step: 3S(N-1)/N. bf16 runs use BF16_Optimizer (fp32 accumulation), which reduces after the last backward
+  (engine.py:3095 ``buffered_allreduce_fallback``) and gathers in ``update_lp_params`` (bf16_optimizer.py:431);
+  the ZeRO optimizer reduces in the last backward's gradient hooks (stage_1_and_2.py:2294).
+- ZeRO-2: an all-reduce of the gradients in *every* micro-step's backward (stage_1_and_2.py:2294 reduces
+  when ``partition_gradients`` whatever the boundary; :1695 ``use_multi_rank_bucket_allreduce``, default
+  true, all-reduces the whole bucket instead of reducing each slice to its owner), plus the all-gather
+  after the step (stage_1_and_2.py:3153): A·2S(N-1)/N + S(N-1)/N.
+- ZeRO-3: every micro-step gathers the parameters for forward and again for backward (with activation
+  checkpointing one gather serves a layer's recomputation and its gradients, which follow each other) and
+  reduce-scatters the gradients (stage3.py:1931 ``reduce_scatter_coalesced``): A·3S(N-1)/N; no all-gather
+  after the step (the parameters stay partitioned). Tensors under ``stage3_param_persistence_threshold``
+  (1e5 elements: the norm weights, 0.004% of ``7b``) are not gathered and are counted anyway; parameters kept
+  between forward and backward by ``stage3_max_reuse_distance`` (at most ``stage3_max_live_parameters``,
+  1e9) are counted as gathered again: an upper bound. ``zero.offload_param`` (host to device over PCIe)
+  is not modelled.
+The time is bytes / bandwidth, the bandwidth one GPU's share of the network (``--net_gbps``, default
+400 Gb/s: one 400 Gb/s NIC per H100, as in DGX H100 and AWS p5). That is what a ring spanning several
+nodes runs at; within one node NVLink is about 10 times faster, so there the estimate is an upper bound.
+The compute time is the model's FLOPs for one rank's tokens at an assumed MFU of the peak. Communication
+overlaps with backward (``overlap_comm``, ZeRO-3 prefetching) except where noted "not overlapped": the
+post-step all-gather, and the all-reduce after backward at ZeRO-0 and BF16_Optimizer's ZeRO-1.
+"compute-bound" means the traffic fits in the compute time, so that it *can* hide behind it.
 """
 
 from __future__ import annotations
 
+import math
 import os
 from typing import Any
 
 from lmforge.errors import ConfigError
 from pretrain.config import PretrainConfig
-from pretrain.engine import batch_plan
+from pretrain.engine import BatchPlan, batch_plan, plan_batches
 from pretrain.model import build_model, count_params, count_params_analytic, flops_per_token, param_breakdown
 
 GiB = 2**30  # DeepSpeed's estimators print bytes / 2**30 as "GB"; so do we
@@ -145,8 +178,153 @@ def saves_line(c: dict[str, Any]) -> str:
             "(LMFORGE_SAVE_GIBPS=N to change)")
 
 
-def describe(cfg: PretrainConfig, vocab_size: int, world_size: int = 1) -> dict[str, Any]:
-    """What ``--dry-run`` prints: sizes, FLOPs and per-rank model-state memory for ZeRO 0-3."""
+# Assumed, not measured, by the communication estimate (module docstring); --dry-run's --net_gbps and --mfu.
+NET_GBPS = 400.0  # one GPU's share of the network: a 400 Gb/s NDR InfiniBand NIC per H100 (DGX H100, AWS p5)
+# Model FLOPs utilisation of a well-run dense pretraining job on H100s: Llama 3 reports 38-43% in bf16 (Dubey et
+# al. 2024, Table 4). A higher MFU shortens the compute time that communication must fit in: keep a margin.
+ASSUMED_MFU = 0.4
+ASSUMED_GPU = "NVIDIA H100 80GB HBM3"  # the GPU whose peak (pretrain.callbacks.GPU_PEAKS) the compute time assumes
+
+
+def comm_bytes_per_rank(n_params: int, world_size: int, stage: int, grad_accum_steps: int, precision: str,
+                        bf16_optimizer: bool = False) -> dict[str, Any]:
+    """Bytes one rank sends per optimizer step (module docstring): ``{total, not_overlapped, per_micro_step,
+    collectives}``; ``collectives`` lists ``{what, per, count, bytes, overlapped}``: ``bytes`` each time,
+    ``count`` times a step (once per ``per``: "micro-step" or "step"). ``bf16_optimizer``: ZeRO-1 runs
+    DeepSpeed's BF16_Optimizer (bf16 with fp32 accumulation and no optimizer offload, what
+    ``pretrain.engine.ds_config`` asks for), which all-reduces after backward instead of during it."""
+    if stage not in (0, 1, 2, 3):
+        raise ValueError(f"stage: expected 0, 1, 2 or 3, got {stage}")
+    if world_size < 1 or grad_accum_steps < 1:
+        raise ValueError(f"world_size and grad_accum_steps must be >= 1, got {world_size}, {grad_accum_steps}")
+    size = (4 if precision == "fp32" else 2) * n_params  # S: all gradients, or all (16-bit) parameters
+    ring = round(size * (world_size - 1) / world_size)  # one ring all-gather or reduce-scatter of S; all-reduce: 2x
+
+    def once(what: str, n_bytes: int, overlapped: bool) -> dict[str, Any]:
+        return {"what": what, "per": "step", "count": 1, "bytes": n_bytes, "overlapped": overlapped}
+
+    def each_micro_step(what: str, n_bytes: int) -> dict[str, Any]:  # all overlapped with backward
+        return {"what": what, "per": "micro-step", "count": grad_accum_steps, "bytes": n_bytes, "overlapped": True}
+
+    gather = once("parameter all-gather after the step", ring, False)
+    if stage == 0:
+        coll = [once("gradient all-reduce after backward", 2 * ring, False)]
+    elif stage == 1:
+        when = "after the last backward" if bf16_optimizer else "in the last backward"
+        coll = [once(f"gradient all-reduce {when}", 2 * ring, not bf16_optimizer), gather]
+    elif stage == 2:
+        coll = [each_micro_step("gradient all-reduce in backward", 2 * ring), gather]
+    else:
+        coll = [each_micro_step("2 parameter all-gathers + 1 gradient reduce-scatter", 3 * ring)]
+    return {
+        "total": sum(c["count"] * c["bytes"] for c in coll),
+        "not_overlapped": sum(c["count"] * c["bytes"] for c in coll if not c["overlapped"]),
+        "per_micro_step": sum(c["bytes"] for c in coll if c["per"] == "micro-step"),
+        "collectives": coll,
+    }
+
+
+def _assumed_peak(cfg: PretrainConfig, precision: str) -> tuple[float, str]:
+    if cfg.metrics.peak_flops:
+        return cfg.metrics.peak_flops, "metrics.peak_flops"
+    from pretrain.callbacks import gpu_peak_flops
+
+    peak, source = gpu_peak_flops(ASSUMED_GPU, precision)
+    return peak, source.removeprefix("table: ")
+
+
+def network_plan(cfg: PretrainConfig, n_params: int, fpt: float, plan: BatchPlan, precision: str,
+                 net_gbps: float = NET_GBPS, mfu: float = ASSUMED_MFU) -> dict[str, Any]:
+    """Per rank and optimizer step: bytes sent and their time at ``net_gbps``, next to the compute time at
+    ``mfu`` of the assumed peak; ``bound`` says which is longer, ``remedy`` what would make it compute-bound."""
+    if not net_gbps > 0:
+        raise ConfigError(f"--net_gbps={net_gbps}: expected a positive bandwidth in Gb/s per GPU, e.g. --net_gbps=400")
+    if not 0 < mfu <= 1:
+        raise ConfigError(f"--mfu={mfu}: expected a fraction of the peak in (0, 1], e.g. --mfu=0.4")
+    peak, source = _assumed_peak(cfg, precision)
+    bf16_optimizer = precision == "bf16" and not cfg.zero.offload_optimizer
+
+    def cost(p: BatchPlan) -> tuple[dict[str, Any], float, float]:
+        c = comm_bytes_per_rank(n_params, p.dp_world, cfg.zero.stage, p.grad_accum_steps, precision, bf16_optimizer)
+        compute = fpt * p.tokens_per_step / p.dp_world / (peak * mfu) if peak else 0.0
+        return c, c["total"] * 8 / (net_gbps * 1e9), compute
+
+    c, comm, compute = cost(plan)
+    bound = "compute" if comm <= compute else "communication"
+    return {
+        "assumed_gbps_per_rank": net_gbps,
+        "gb_per_rank": round(c["total"] / 1e9, 1),  # per optimizer step; GB = 1e9 bytes, as network rates count
+        "gb_per_rank_per_micro_step": round(c["per_micro_step"] / 1e9, 1),  # ZeRO-2/3: repeated every micro-step
+        "collectives": [_collective(x) for x in c["collectives"]],
+        "comm_seconds": round(comm, 2),
+        "comm_seconds_not_overlapped": round(c["not_overlapped"] * 8 / (net_gbps * 1e9), 2),
+        "tokens_per_rank": plan.tokens_per_step // plan.dp_world,
+        "compute_seconds": round(compute, 2),
+        "assumed_mfu": mfu,
+        "assumed_peak_flops": peak,
+        "peak_source": source,
+        "bound": bound,
+        "remedy": None if bound == "compute" else _remedy(cfg, plan, cost),
+    }
+
+
+def _collective(x: dict[str, Any]) -> str:
+    """'4 micro-steps x 39.2 GB: 2 parameter all-gathers + 1 gradient reduce-scatter', '2.5 GB: ..., not overlapped'."""
+    many = f"{x['count']} micro-step{'s' if x['count'] > 1 else ''} x " if x["per"] == "micro-step" else ""
+    return f"{many}{x['bytes'] / 1e9:.1f} GB: {x['what']}" + ("" if x["overlapped"] else ", not overlapped")
+
+
+def _remedy(cfg: PretrainConfig, plan: BatchPlan, cost) -> str:
+    """What would make a communication-bound plan compute-bound: the first of a global batch that splits into
+    full micro-batches, a larger micro-batch (ZeRO-2/3 send per micro-step), a larger global batch (ZeRO-0/1)."""
+    asked, micro, ranks, stage = cfg.train.global_batch_size, cfg.train.micro_batch_size, plan.dp_world, cfg.zero.stage
+    share = plan.global_batch // ranks
+
+    def sends(p: BatchPlan) -> str:
+        c, comm, compute = cost(p)
+        return f"would send {c['total'] / 1e9:.3g} GB (~{comm:.3g} s vs compute {compute:.3g} s)" if comm <= compute else ""
+
+    if asked and plan.micro_batch_per_rank < min(micro, share):  # the share does not split into full micro-batches
+        full = -(-asked // (micro * ranks)) * micro * ranks
+        p = plan_batches(micro, full, ranks, plan.seq_len)
+        if sends(p):
+            return (f"{share} sequences per rank do not split into micro-batches of {micro}: "
+                    f"train.global_batch_size={full} (micro {p.micro_batch_per_rank} x accum {p.grad_accum_steps}) {sends(p)}")
+    if asked and stage >= 2:
+        for m in range(micro + 1, share + 1):
+            p = plan_batches(m, asked, ranks, plan.seq_len)
+            if p.micro_batch_per_rank == m and sends(p):
+                return (f"raise train.micro_batch_size (ZeRO-{stage} sends the whole model in every micro-step): "
+                        f"train.micro_batch_size={m} {sends(p)} if its activations fit")
+    # ZeRO-0/1 send the same bytes a step whatever its tokens, ZeRO-2/3 too at one micro-step per step (their
+    # least): a larger global batch adds compute, not traffic
+    one_step = plan if stage <= 1 else plan_batches(share, plan.global_batch, ranks, plan.seq_len)
+    _, comm, compute = cost(one_step)
+    more = math.ceil(plan.global_batch * comm / compute / ranks) * ranks if compute else 0
+    at = "" if stage <= 1 else f" at one micro-step (train.micro_batch_size={more // ranks}, if its activations fit)"
+    return (f"each rank's share of the global batch is too small for this network: raise train.global_batch_size "
+            f"to {more} or more{at}, or run on fewer ranks")
+
+
+def network_lines(n: dict[str, Any], world_size: int, stage: int, flops_per_token: float) -> list[str]:
+    """The dry-run lines for ``describe()["network"]``: bytes and time, compute time, which bounds the step."""
+    if world_size == 1:
+        net = "network: nothing sent (1 rank)"
+    else:
+        net = (f"network: {n['gb_per_rank']:,.1f} GB sent per rank per step (ZeRO-{stage}: {'; '.join(n['collectives'])}), "
+               f"~{n['comm_seconds']:.3g} s at an assumed {n['assumed_gbps_per_rank']:g} Gb/s per GPU (--net_gbps=G to "
+               f"change), {n['comm_seconds_not_overlapped']:.3g} s of it not overlapped with compute")
+    compute = (f"compute: ~{n['compute_seconds']:.3g} s per step ({n['tokens_per_rank']:,} tokens per rank x "
+               f"{flops_per_token:.3g} FLOP/token at an assumed {n['assumed_mfu']:.0%} MFU of "
+               f"{n['assumed_peak_flops'] / 1e12:g} TFLOP/s, {n['peak_source']}; --mfu=F, --metrics.peak_flops=F to change)")
+    verdict = f"{n['bound']}-bound (comm {n['comm_seconds']:.3g} s vs compute {n['compute_seconds']:.3g} s)"
+    return [net, compute, "bound: " + verdict + (f": {n['remedy']}" if n["remedy"] else "")]
+
+
+def describe(cfg: PretrainConfig, vocab_size: int, world_size: int = 1, net_gbps: float = NET_GBPS,
+             mfu: float = ASSUMED_MFU) -> dict[str, Any]:
+    """What ``--dry-run`` prints: sizes, FLOPs, per-rank model-state memory for ZeRO 0-3, and the network
+    traffic per rank next to the compute time (at ``net_gbps`` per GPU and ``mfu`` of the assumed peak)."""
     m = cfg.model
     n_params = count_params(build_model(m, vocab_size, device="meta"))
     if n_params != count_params_analytic(m, vocab_size):  # the FLOPs formula relies on the closed form
@@ -184,4 +362,5 @@ def describe(cfg: PretrainConfig, vocab_size: int, world_size: int = 1) -> dict[
         "offload_optimizer": cfg.zero.offload_optimizer,
         "memory_per_rank_gb": memory,  # model states only, GiB (2**30 bytes)
         "checkpoint": checkpoint_plan(cfg, n_params, world_size, precision),
+        "network": network_plan(cfg, n_params, fpt, plan, precision, net_gbps, mfu),
     }
