@@ -277,12 +277,14 @@ class HFWeights(Mapping[str, torch.Tensor]):
         return len(self._where)
 
 
-def build_module(cfg: FinetuneConfig, task: Task, backbone: Backbone, ds_config: dict | None = None) -> FinetuneModule:
+def build_module(cfg: FinetuneConfig, task: Task, backbone: Backbone, ds_config: dict | None = None,
+                 device: str | torch.device = "cpu") -> FinetuneModule:
     """The task model with the pretrained weights (seed first: heads are freshly initialised).
 
     ``ds_config`` (ZeRO-3 engine settings): every module is built already partitioned and the weights
     are copied in one tensor at a time from rank 0, so no rank holds the whole model; the result equals
-    the plain build's (tested).
+    the plain build's (tested). Otherwise it is built on ``device`` (the rank's GPU) and the weights are
+    copied there one tensor at a time, never as a whole model in host memory.
     """
     from contextlib import nullcontext
 
@@ -296,7 +298,13 @@ def build_module(cfg: FinetuneConfig, task: Task, backbone: Backbone, ds_config:
         conf.num_labels = task.num_labels
         conf.update(task.hf_label_maps())
     cls = task_model_class(task, kind)
-    construct = (lambda: partitioned_construction(ds_config)) if ds_config is not None else nullcontext
+    device = torch.device(device)
+    if ds_config is not None:
+        construct = lambda: partitioned_construction(ds_config)  # noqa: E731
+    elif device.type != "cpu":
+        construct = lambda: device  # noqa: E731  (a torch.device is a context manager: tensors are made there)
+    else:
+        construct = nullcontext
     with construct():
         tm = cls(conf)
     weights = HFWeights(backbone.hf_dir)

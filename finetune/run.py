@@ -115,7 +115,7 @@ def build(setup: Setup, info: DistInfo) -> Trainer:
                 + (f", labels {task.labels}" if task.labels else ""))
 
     return build_trainer(
-        cfg, info, plan, objective, lambda conf: build_module(cfg, task, backbone, conf),
+        cfg, info, plan, objective, lambda conf: build_module(cfg, task, backbone, conf, device=info.device),
         finetune_flops_per_token(cfg, task, tok.vocab_size, mean_len), target, describe,
         param_groups=lambda module: param_groups(module, cfg),
         stage_callbacks=lambda checkpointer: [BestCheckpoint(cfg.train.select_metric, checkpointer)],

@@ -196,8 +196,20 @@ def load_state(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> 
     """``load_state_dict(weights, strict=False)`` for a whole or a partitioned module: (missing, unexpected)."""
     if is_partitioned(module):
         return load_partitioned(module, weights)
-    missing, unexpected = module.load_state_dict(dict(weights), strict=False)
-    return list(missing), list(unexpected)
+    from lmforge.errors import CheckpointError
+
+    # One tensor at a time, straight into the module (on its device): a lazy ``weights`` (a model's
+    # safetensors) is never all in host memory at once, as ``load_state_dict(dict(weights))`` would make it.
+    targets = module.state_dict(keep_vars=True)  # names → parameters/persistent buffers (tied ones twice)
+    names = set(weights)
+    with torch.no_grad():
+        for name, t in targets.items():
+            if name in names:
+                w = weights[name]
+                if tuple(w.shape) != tuple(t.shape):
+                    raise CheckpointError(f"{name}: the checkpoint holds shape {tuple(w.shape)}, the model {tuple(t.shape)}")
+                t.copy_(w)
+    return [k for k in targets if k not in names], [k for k in names if k not in targets]
 
 
 def load_partitioned(module: torch.nn.Module, weights: Mapping[str, torch.Tensor]) -> tuple[list[str], list[str]]:
