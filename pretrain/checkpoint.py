@@ -275,6 +275,7 @@ def save(trainer, reason: str = "interval") -> Path:
         rotate(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
     if dist.is_initialized():
         dist.barrier()
+    trainer.timings["checkpoint_save"] += time.time() - t0
     print0(f"checkpoint {tag} saved ({reason}, {time.time() - t0:.1f}s)")
     return step_dir
 
@@ -318,7 +319,9 @@ def restore(trainer, target: ResumeTarget) -> None:
             "(fingerprint differs); "
             "pass --resume.allow_data_change=true to continue on the new data"
         )
+    t0 = time.time()
     load_engine_state(trainer.engine, target, info.rank)
+    trainer.timings["checkpoint_load"] += time.time() - t0
     trainer.load_state_dict(state, allow_data_change=cfg.resume.allow_data_change)
     rng_file = target.step_dir / f"rng_rank{info.rank:05d}.pt"
     saved_rng = load_rng_state(rng_file) if not target.universal and rng_file.is_file() else None

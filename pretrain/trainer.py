@@ -9,6 +9,7 @@ callbacks, and so do the faults tests inject (a NaN loss, a failing rank).
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -125,6 +126,9 @@ class Trainer:
         self._has_val = objective.has_validation()
         self._loss_hooks = [cb for cb in self.callbacks if getattr(type(cb), "on_loss", Callback.on_loss) is not Callback.on_loss]
         self.agreed: dict[str, float] = {}  # the step's decisions, the same on every rank (see _agree)
+        # wall seconds of this process by activity since it started ("data", "eval", "checkpoint_save",
+        # "checkpoint_load", ...): host clocks only, no device sync; read by the goodput accounting
+        self.timings: defaultdict[str, float] = defaultdict(float)
         # ZeRO >= 1: DeepSpeed's ZeRO optimizers skip an update whose gradients are not finite (0.19:
         # stage_1_and_2.py step(), stage3.py step(), bf16_optimizer.py step(): an invalid global norm is an
         # "overflow"; the engine then counts engine.skipped_steps and holds the lr schedule). ZeRO-0 applies
@@ -184,7 +188,7 @@ class Trainer:
         skipped_before = self.engine.skipped_steps
         accum = self.plan.grad_accum_steps
         for k in range(accum):
-            batch = self.objective.next_batch()
+            batch = self.next_batch()
             loss = self.train_loss(batch, k)
             finite = torch.isfinite(loss.detach())
             bad = bad + (~finite).float()
@@ -207,7 +211,7 @@ class Trainer:
         skip = False
         last_good = None
         for k in range(self.plan.grad_accum_steps):
-            batch = self.objective.next_batch()
+            batch = self.next_batch()
             if skip:
                 continue  # the step is skipped: consume its data so the position stays exact
             loss = self.train_loss(batch, k)
@@ -265,6 +269,13 @@ class Trainer:
         metrics["train/step_tokens"] = float(step_tokens)  # for tokens/s and MFU (not logged itself)
         return metrics
 
+    def next_batch(self) -> Any:
+        """The objective's next micro-batch; the wait is counted in ``timings["data"]``."""
+        t0 = time.perf_counter()
+        batch = self.objective.next_batch()
+        self.timings["data"] += time.perf_counter() - t0
+        return batch
+
     def train_loss(self, batch, micro_step: int) -> torch.Tensor:
         """The objective's loss of one training micro-batch, passed through the callbacks' ``on_loss``."""
         loss = self.objective.loss(batch, micro_step=micro_step)
@@ -301,10 +312,12 @@ class Trainer:
         if not self._has_val:
             return {}
         self.engine.eval()
+        t0 = time.perf_counter()
         try:
             metrics = self.objective.evaluate()
         finally:
             self.engine.train()
+            self.timings["eval"] += time.perf_counter() - t0
         for cb in self.callbacks:
             cb.on_eval_end(self, metrics)
         return metrics
