@@ -209,6 +209,7 @@ class ShardLoader:
         self.schedule = _Schedule(weights or [1.0] * len(roots), self.seed)
         self.fingerprint = _fingerprint([s.manifest.fingerprint for s in stores], weights, split)
         self.cursor = 0  # global samples consumed by all ranks together
+        self.skips: list[tuple[int, int]] = []  # global sample ranges never served (see add_skip)
 
     @property
     def samples_per_epoch(self) -> int:
@@ -219,7 +220,20 @@ class ShardLoader:
         s, local = self.schedule.locate(g)
         return self.sources[s].window(local)
 
+    def add_skip(self, start: int, end: int) -> None:
+        """Never serve global samples ``[start, end)``: the cursor jumps over them (a loss-spike rollback's
+        data, or ranges a user leaves out). Both ends are multiples of micro batch x ranks, so the cursor
+        stays on a step boundary."""
+        unit = self.micro_batch * self.world_size
+        if start % unit or end % unit or not 0 <= start < end:
+            raise DataError(f"skip range [{start}, {end}) of global samples: both ends must be multiples of micro "
+                            f"batch x ranks = {unit} (give whole steps: multiples of the global batch)")
+        self.skips = sorted({*self.skips, (int(start), int(end))})
+
     def next_batch(self) -> np.ndarray:
+        for a, b in self.skips:  # sorted: a jump may land in a later range
+            if a <= self.cursor < b:
+                self.cursor = b
         start = self.cursor + self.rank * self.micro_batch
         batch = np.stack([self.sample(start + i) for i in range(self.micro_batch)])
         self.cursor += self.micro_batch * self.world_size

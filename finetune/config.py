@@ -20,6 +20,7 @@ from pretrain.config import (
     ModelConfig,
     OptimConfig,
     ResumeConfig,
+    SpikeConfig,
     ZeroConfig,
 )
 
@@ -111,6 +112,7 @@ class FinetuneConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)  # log / skip; a rollback needs pretraining's data cursor
     callbacks: list[str] = field(default_factory=list)  # "module:factory" → a pretrain.trainer.Callback (as in pretraining)
     model: ModelConfig = field(default_factory=ModelConfig)  # filled from init_from at start-up; not set by users
 
@@ -138,6 +140,8 @@ class FinetuneConfig:
             raise ConfigError("transfer.aux_lm_weight: sft already trains the language-modelling loss; leave it at 0")
         if self.train.max_steps is not None and self.train.max_steps <= 0:
             raise ConfigError("train.max_steps: must be positive")
+        if self.spike.action == "rollback":
+            raise ConfigError("spike.action=rollback is pretraining's (it moves the shard cursor): use skip or log")
         if self.train.epochs <= 0:
             raise ConfigError("train.epochs: must be positive")
         for name in ("micro_batch_size", "log_every"):

@@ -50,6 +50,7 @@ from pretrain.checkpoint import (
 )
 from pretrain.dist import DistInfo, init_distributed, launch_env, shutdown
 from pretrain.engine import param_numel, plan_batches, resolve_precision
+from pretrain.goodput import timed
 from pretrain.objective import special_ids
 from pretrain.runtime import build_trainer
 from pretrain.trainer import Trainer
@@ -221,7 +222,8 @@ def prepare(cfg: FinetuneConfig, rank: int, world_size: int) -> Setup:
     if target is not None:
         changes["train.global_batch_size"] = target.global_batch
         if target.universal:
-            ensure_universal(target, rank)
+            with timed("conversion"):  # a part of the goodput record
+                ensure_universal(target, rank)
 
     tok = Tokenizer.load(backbone.hf_dir)
     if backbone.model.kind == "masked" and cfg.transfer.aux_lm_weight and tok.token_to_id("<mask>") is None:

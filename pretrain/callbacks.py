@@ -172,6 +172,21 @@ class MetricsLogger(Callback):
             out.update({k: v for k, v in m.items() if k.startswith("eval/")})
         return {k: v for k, v in out.items() if v == v or k == "train/loss"}
 
+    def on_rollback(self, trainer: Trainer, record: dict) -> None:
+        """Steps after the rollback's checkpoint are trained again: their events are purged (one curve), and
+        the rollback is recorded as text (the counters train/spikes, train/rollbacks, train/skipped_samples
+        carry on)."""
+        self._window = []
+        if self.writer is not None:
+            import json
+
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer.close()
+            self.writer = SummaryWriter(self.log_dir, purge_step=trainer.state.step + 1)
+            self.writer.add_text("rollbacks", json.dumps(record), trainer.state.step)
+            self.writer.flush()
+
     def on_eval_end(self, trainer: Trainer, metrics: dict[str, float]) -> None:
         if self.writer is not None:
             for k, v in metrics.items():

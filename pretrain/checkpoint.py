@@ -5,15 +5,18 @@ Layout (``RUN_DIR/checkpoints/``)::
 
     step_00000100/          DeepSpeed's own files (each rank writes its ZeRO partition)
         rng_rank00000.pt    per-rank python/numpy/torch RNG states (DeepSpeed saves none)
+        checkpoint_manifest.json  size and sha256 of every file above (each rank hashes its own)
         trainer_state.json  written by rank 0 after every rank finished: the completeness marker
     step_00000100_universal/  made on demand when resuming on another number of ranks
     latest                  the tag of the newest complete checkpoint, written last (fsync + rename)
 
-A checkpoint without ``trainer_state.json`` (a save killed half-way) is never loaded.
+A checkpoint without ``trainer_state.json`` (a save killed half-way) is never loaded; a resume checks the
+files against the manifest and falls back past a damaged checkpoint (:func:`verify_checkpoint`).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import pickle
 import random
@@ -21,6 +24,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -36,17 +40,27 @@ from lmforge.io import atomic_write_text, fsync_dir
 from lmforge.log import print0
 from lmforge.rundir import (  # noqa: F401  (re-exported: the run-directory format lives in lmforge.rundir)
     best_checkpoint,
+    checkpoint_files,
+    checkpoint_problems,
     checkpoints_dir,
+    clear_verify_markers,
     complete_checkpoints,
+    describe_problems,
+    file_owner,
     has_checkpoints,
+    hash_files,
     is_complete,
     is_run_dir,
     latest_checkpoint,
+    manifest_file,
     mark_best,
     mark_complete,
+    read_manifest,
     read_state,
     step_of,
     step_tag,
+    verify_marker,
+    write_manifest,
 )
 from pretrain.config import CheckpointConfig
 from pretrain.engine import reapply_group_hparams
@@ -68,25 +82,52 @@ class ResumeTarget:
         return self.step_dir.name + ("_universal" if self.universal else "")
 
 
-def resume_step_dir(mode: str, run_dir: Path) -> Path | None:
+def resume_step_dir(mode: str, run_dir: Path,
+                    check: Callable[[Path], list[str]] | None = None) -> Path | None:
     """The checkpoint ``--resume=MODE`` names: auto → the run's latest (None when it has none); a run dir
-    → its latest; a step dir → itself, if complete. ``none`` → None."""
+    → its latest; a step dir → itself, if complete. ``none`` → None.
+
+    ``check(step_dir)`` lists what is wrong with a checkpoint's files (:func:`verify_checkpoint`). With it,
+    a damaged latest checkpoint of a run (auto, or a run dir) is passed over for the newest intact one, with
+    a one-line warning per damaged one; none intact is a :class:`CheckpointError`. A step dir named
+    explicitly is never swapped for another: damaged, it is an error."""
     if mode == "none":
         return None
-    if mode == "auto":
-        return latest_checkpoint(run_dir)
-    p = Path(mode)
-    step_dir = latest_checkpoint(p) if is_run_dir(p) else p
-    if step_dir is None or not step_dir.is_dir():
+    source = run_dir if mode == "auto" else Path(mode)
+    if mode != "auto" and not is_run_dir(source):  # an explicit step dir
+        if not source.is_dir():
+            raise ConfigError(f"--resume={mode}: no checkpoint there (give a run dir or a checkpoints/step_N dir)")
+        if not is_complete(source):
+            raise CheckpointError(f"{source} is incomplete (no trainer state: its save was interrupted); pick another step")
+        if check is not None and (problems := check(source)):
+            raise CheckpointError(f"--resume={mode}: checkpoint {describe_problems(source, problems)}; "
+                                  "restore its files or resume from another checkpoint")
+        return source
+    latest = latest_checkpoint(source)
+    if latest is None:
+        if mode == "auto":
+            return None
         raise ConfigError(f"--resume={mode}: no checkpoint there (give a run dir or a checkpoints/step_N dir)")
-    if not is_complete(step_dir):
-        raise CheckpointError(f"{step_dir} is incomplete (no trainer state: its save was interrupted); pick another step")
-    return step_dir
+    if check is None:
+        return latest
+    candidates = [latest, *[d for d in reversed(complete_checkpoints(source)) if step_of(d) < step_of(latest)]]
+    damaged = []
+    for i, step_dir in enumerate(candidates):
+        problems = check(step_dir)
+        if not problems:
+            return step_dir
+        damaged.append(describe_problems(step_dir, problems))
+        if i + 1 < len(candidates):
+            print0(f"warning: checkpoint {damaged[-1]}; falling back to {candidates[i + 1].name}")
+    more = f"; and {len(damaged) - 1} newer one(s) damaged too" if len(damaged) > 1 else ""
+    raise CheckpointError(f"no intact checkpoint to resume in {checkpoints_dir(source)}: {damaged[-1]}{more}; "
+                          "restore its files, or start afresh with another --run_dir")
 
 
 def resolve_resume(cfg, world_size: int) -> ResumeTarget | None:
-    """The checkpoint a stage's run resumes (``cfg.resume``), checked against its model and ZeRO stage, with
-    the global batch the resumed run must use. Nothing in ``cfg`` changes: the stage resolves it."""
+    """The checkpoint a stage's run resumes (``cfg.resume``), its files verified (:func:`verify_checkpoint`),
+    checked against its model and ZeRO stage, with the global batch the resumed run must use. Nothing in
+    ``cfg`` changes: the stage resolves it."""
     mode = cfg.resume.mode
     run_dir = Path(cfg.run_dir)
     if mode == "none":
@@ -96,13 +137,90 @@ def resolve_resume(cfg, world_size: int) -> ResumeTarget | None:
                 "or another --run_dir"
             )
         return None
-    step_dir = resume_step_dir(mode, run_dir)
+    timeout_s = getattr(getattr(cfg, "dist", None), "timeout_s", 1800.0)
+    step_dir = resume_step_dir(mode, run_dir, lambda d: verify_checkpoint(d, run_dir, world_size, timeout_s))
     if step_dir is None:
         return None
     state = read_state(step_dir)
     _check_compatible(cfg, state, step_dir)
     batch = _keep_global_batch(cfg, state, step_dir, world_size)
     return checkpoint_target(step_dir, world_size, state, batch)
+
+
+def verify_checkpoint(step_dir: Path, run_dir: Path, world_size: int, timeout_s: float = 1800.0,
+                      poll_s: float = 0.2) -> list[str]:
+    """What is wrong with ``step_dir``'s files (``[]``: intact), agreed by every rank of the job.
+
+    It runs before the process group exists (the resume target decides the config), so there is no
+    collective: every rank checks the trainer state and every file's size against the manifest (stat
+    only, the same answer everywhere) and the sha256 of its stripe of the files (``i % world == rank``),
+    then writes its findings to ``RUN_DIR/.checkpoint_verify/`` and reads every other rank's, as
+    :func:`pretrain.dist.rank0_work` waits on a marker. A finding is tied to the size, mtime and inode of
+    the files it covers (and the manifest's), so a marker left by an earlier job counts only for unchanged
+    files, whose answer it is. Every rank ends with the same sorted list, so all of them pick the same
+    checkpoint. A rank that never reports (it died: its launcher ends the job anyway) is an error after
+    ``timeout_s`` (at least 10 minutes: ranks start apart). Outside a launched job of ``world_size`` ranks
+    (no RANK/WORLD_SIZE), this one process hashes every file. A checkpoint without a manifest (saved before
+    lmforge wrote one) is accepted with a note.
+    """
+    rank, world = _hash_stripe(world_size)
+    problems = checkpoint_problems(step_dir, rank, world)
+    if problems is None:
+        print0(f"note: {step_dir.name} has no {manifest_file(step_dir).name} (saved by an older lmforge): "
+               "its files are not verified")
+        return []
+    try:
+        names = sorted(read_manifest(step_dir) or {})
+    except CheckpointError:  # the same finding on every rank: nothing was hashed
+        names = []
+    if world == 1 or not names:
+        return sorted(set(problems))
+
+    def stamps(r: int) -> list:
+        return [_stamp(manifest_file(step_dir))] + [_stamp(step_dir / n) for n in names[r::world]]
+
+    mine = verify_marker(run_dir, step_dir, world, rank)
+    mine.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(mine, json.dumps({"stamps": stamps(rank), "problems": problems}))
+    found, t0 = set(problems), time.monotonic()
+    last = t0
+    for r in range(world):
+        if r == rank:
+            continue
+        want, marker = stamps(r), verify_marker(run_dir, step_dir, world, r)
+        while True:
+            try:
+                rec = json.loads(marker.read_text())
+            except (OSError, ValueError):
+                rec = None
+            if rec is not None and rec.get("stamps") == want:
+                break
+            if time.monotonic() - t0 > max(timeout_s, 600.0):  # ranks start apart: never under 10 minutes
+                raise CheckpointError(f"rank {r} did not report its share of the check of {step_dir} within "
+                                      f"{max(timeout_s, 600.0):.0f}s (dist.timeout_s)")
+            if rank == 1 and time.monotonic() - last >= 60:
+                last = time.monotonic()
+                print(f"rank 1: waiting for rank {r} to check its share of {step_dir.name}, "
+                      f"{last - t0:.0f}s so far", flush=True)
+            time.sleep(poll_s)
+        found.update(rec["problems"])
+    return sorted(found)
+
+
+def _hash_stripe(world_size: int) -> tuple[int, int]:
+    """(rank, ranks) to stripe the hashing over: the launched job's, when it has ``world_size`` ranks."""
+    env = os.environ
+    if "RANK" in env and env.get("WORLD_SIZE") == str(world_size) and int(env["RANK"]) < world_size:
+        return int(env["RANK"]), world_size
+    return 0, 1
+
+
+def _stamp(p: Path) -> list[int] | None:
+    try:
+        st = p.stat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns, st.st_ino]
 
 
 def checkpoint_target(step_dir: Path, world_size: int, state: dict[str, Any] | None = None,
@@ -253,9 +371,17 @@ def save(trainer, reason: str = "interval") -> Path:
     trainer.engine.save_checkpoint(str(root), tag=tag, save_latest=False)
     torch.save(rng_state(), step_dir / f"rng_rank{info.rank:05d}.pt")
     _fsync_tree(step_dir, info.rank)
+    files = _own_file_hashes(step_dir, info.rank, info.world_size)
     if dist.is_initialized():
         dist.barrier()  # every rank's files are on disk before the checkpoint is declared complete
+        if info.world_size > 1:
+            gathered: list = [None] * info.world_size
+            dist.all_gather_object(gathered, files)
+            files = {k: v for part in gathered for k, v in part.items()}
     if info.is_main:
+        missing = [rel for rel in checkpoint_files(step_dir) if rel not in files]  # named for no rank: rare
+        write_manifest(step_dir, {**files, **hash_files(step_dir, missing)})  # before the completeness marker
+        clear_verify_markers(cfg.run_dir)  # every rank is past its resume's check
         state = {
             **trainer.state_dict(),
             "step": trainer.state.step,
@@ -278,6 +404,11 @@ def save(trainer, reason: str = "interval") -> Path:
     trainer.timings["checkpoint_save"] += time.time() - t0
     print0(f"checkpoint {tag} saved ({reason}, {time.time() - t0:.1f}s)")
     return step_dir
+
+
+def _own_file_hashes(step_dir: Path, rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of the files this rank wrote (streamed in 8 MiB reads, fresh in its page cache)."""
+    return hash_files(step_dir, [rel for rel in checkpoint_files(step_dir) if file_owner(rel, world) == rank])
 
 
 def _fsync_tree(step_dir: Path, rank: int) -> None:
@@ -420,6 +551,9 @@ class Checkpointer(Callback):
             self._save(trainer, "interval")
 
     def on_eval_end(self, trainer, metrics: dict[str, float]) -> None: ...
+
+    def on_rollback(self, trainer, record) -> None:
+        self.last_saved_step = trainer.state.step  # the checkpoint rolled back to is on disk
 
     def on_train_end(self, trainer) -> None:
         import signal

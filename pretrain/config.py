@@ -39,6 +39,9 @@ class DataConfig:
     seq_len: int = 256  # tokens per training sample
     seed: int = 1234  # shuffling seed (the global sample order depends on it, not on the world size)
     verify_shards: bool = True  # hash every shard once per job, striped over the ranks, before training (a requeue trusts the record)
+    # global sample ranges [start, end) never trained on (multiples of micro batch x ranks); a loss-spike
+    # rollback adds its own to RUN_DIR/data_skips.json, which every resume applies as well
+    skip_samples: list[list[int]] = field(default_factory=list)
 
 
 @dataclass
@@ -71,6 +74,21 @@ class TrainConfig:
 
 
 @dataclass
+class SpikeConfig:
+    """The loss-spike guard (pretrain/spike.py): a step whose loss is more than ``threshold`` deviations
+    above the mean of the last ``window`` good steps is a spike."""
+
+    action: Literal["off", "log", "skip", "rollback"] = "log"  # skip: leave the update out; rollback: see below
+    window: int = 100  # good steps in the running mean and spread
+    threshold: float = 6.0  # deviations above the mean
+    warmup: int = 50  # good steps before any spike is called (the window fills first)
+    min_spread: float = 0.01  # the spread is at least this fraction of the mean (a flat curve is not all spikes)
+    grad_norm: bool = True  # watch the gradient norm too (one step late: it counts for rollbacks, is not skipped)
+    rollback_after: int = 3  # rollback: this many spikes ...
+    rollback_within: int = 50  # ... within this many steps restore the last checkpoint before the first of them
+
+
+@dataclass
 class ZeroConfig:
     stage: int = 0  # DeepSpeed ZeRO stage 0-3
     offload_optimizer: bool = False  # optimizer states (and step) on CPU
@@ -86,6 +104,9 @@ class ZeroConfig:
 class MetricsConfig:
     peak_flops: float | None = None  # per-device peak FLOP/s for MFU; None = table by GPU name, or measured matmul on CPU
     tensorboard: bool = True
+    # warn (naming rank and host) when a rank's mean time to reach the step's agreement over a logging
+    # interval exceeds this multiple of the ranks' median (pretrain/monitor.py StragglerMonitor)
+    straggler_ratio: float = 1.5
 
 
 @dataclass
@@ -130,6 +151,7 @@ class PretrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     resume: ResumeConfig = field(default_factory=ResumeConfig)
     dist: DistConfig = field(default_factory=DistConfig)
+    spike: SpikeConfig = field(default_factory=SpikeConfig)
     # extra callbacks, "module:factory" (called with no arguments, returns a pretrain.trainer.Callback):
     # your own monitors, and the tests' fault injections (tests/hooks.py)
     callbacks: list[str] = field(default_factory=list)
@@ -154,6 +176,11 @@ class PretrainConfig:
             raise ConfigError(f"model.hidden_size {m.hidden_size} is not divisible by model.num_heads {m.num_heads}")
         if m.num_kv_heads and m.num_heads % m.num_kv_heads:
             raise ConfigError(f"model.num_heads {m.num_heads} is not divisible by model.num_kv_heads {m.num_kv_heads}")
+        for rng in self.data.skip_samples:
+            if len(rng) != 2 or not 0 <= rng[0] < rng[1]:
+                raise ConfigError(f"data.skip_samples: {rng} is not a range [start, end) of global samples")
+        if self.spike.window < 2 or self.spike.threshold <= 0 or self.spike.rollback_after < 1:
+            raise ConfigError("spike: window >= 2, threshold > 0 and rollback_after >= 1 are required")
         for name in ("max_steps", "micro_batch_size", "log_every"):
             if getattr(self.train, name) <= 0:
                 raise ConfigError(f"train.{name}: must be positive")

@@ -132,6 +132,12 @@ class LanguageModeling(Objective):
     def next_batch(self) -> torch.Tensor:
         return torch.from_numpy(self._loader.next_batch())  # (B, T+1) int64
 
+    def data_position(self) -> int:
+        return self._loader.cursor
+
+    def skip_data(self, start: int, end: int) -> None:
+        self._loader.add_skip(start, end)
+
     def done(self) -> bool:
         return self.max_tokens is not None and self.trainer.state.tokens_seen >= self.max_tokens
 

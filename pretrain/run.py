@@ -9,11 +9,13 @@ from data_pipeline.loader import ShardLoader
 from lmforge.config import dump_yaml, freeze, is_frozen, resolved
 from lmforge.lock import lock_run_dir
 from lmforge.log import print0
+from lmforge.rundir import data_skips
 from lmforge.versions import check_versions
 from pretrain.checkpoint import ResumeTarget, ensure_universal, resolve_resume
 from pretrain.config import PretrainConfig
 from pretrain.dist import DistInfo, init_distributed, launch_env, shutdown
 from pretrain.engine import batch_plan, param_numel, resolve_precision
+from pretrain.goodput import timed
 from pretrain.objective import LanguageModeling, shard_tokenizer, special_ids, verify_shards_once
 from pretrain.runtime import build_trainer
 from pretrain.trainer import Callback, Trainer, TrainState
@@ -62,6 +64,8 @@ def build(cfg: PretrainConfig, info: DistInfo, extra_callbacks: list[Callback] |
         world_size=info.world_size, weights=cfg.data.weights, tokenizer_sha256=tok.fingerprint,
         verify=False,  # verified above, once for the job
     )
+    for start, end in [*cfg.data.skip_samples, *((r["start"], r["end"]) for r in data_skips(run_dir))]:
+        loader.add_skip(start, end)  # ranges left out by the user and by loss-spike rollbacks
     objective = LanguageModeling(cfg.model.kind, loader, ids, tok.fingerprint, cfg.data.shards, cfg.data.seq_len,
                                  cfg.train.seed, cfg.model.mlm_probability, cfg.train.eval_samples, cfg.train.max_tokens)
     model_ids = dict(bos_id=ids["bos"], eos_id=ids["eos"], pad_id=ids["pad"], mask_id=ids.get("mask"))
@@ -91,7 +95,8 @@ def prepare(cfg: PretrainConfig, rank: int, world_size: int) -> tuple[PretrainCo
         print0(f"run directory lock: {lock_run_dir(cfg.run_dir)}")
     cfg, target = resolve(cfg, world_size)
     if target is not None and target.universal:
-        ensure_universal(target, rank)
+        with timed("conversion"):  # a part of the goodput record
+            ensure_universal(target, rank)
     return cfg, target
 
 

@@ -15,7 +15,7 @@ import torch
 
 from lmforge.log import print0
 from pretrain.callbacks import MetricsLogger, ProgressBar, device_peak_flops, load_callbacks
-from pretrain.checkpoint import Checkpointer, ResumeTarget, restore, seed_everything
+from pretrain.checkpoint import Checkpointer, ResumeTarget, checkpoint_target, restore, seed_everything
 from pretrain.dist import DistInfo
 from pretrain.engine import (
     BatchPlan,
@@ -26,6 +26,7 @@ from pretrain.engine import (
     engine_settings_name,
     offload_summary,
 )
+from pretrain.monitor import GoodputMonitor, StragglerMonitor
 from pretrain.trainer import Callback, Objective, Trainer
 
 
@@ -61,12 +62,17 @@ def build_trainer(
     peak, source = device_peak_flops(cfg.metrics.peak_flops, cfg.precision)
     log_dir = f"{cfg.run_dir}/tensorboard" if cfg.metrics.tensorboard else None
     checkpointer = Checkpointer(cfg.checkpoint)
+    # goodput after the savers (it records their saves) and before the logger (its writer closes at the end);
+    # the straggler clock restarts after the built-in end-of-step work (saves, logging: they end in collectives)
     callbacks: list[Callback] = [checkpointer, *(stage_callbacks(checkpointer) if stage_callbacks else []),
+                                 GoodputMonitor(),
                                  MetricsLogger(log_dir, flops_per_token, peak, source), ProgressBar(cfg.train.progress),
+                                 StragglerMonitor(cfg.metrics.straggler_ratio),
                                  *load_callbacks(cfg.callbacks), *(extra_callbacks or [])]
     how = f"ZeRO-{cfg.zero.stage}{built}, {cfg.precision}, engine settings {engine_settings_name(cfg.zero)}"
     print0(describe(model, how, offload_summary(engine)))
     trainer = Trainer(cfg, engine, objective, info, plan, callbacks)
+    trainer.restore_checkpoint = lambda step_dir: restore(trainer, checkpoint_target(step_dir, info.world_size))
     if target is not None:
         restore(trainer, target)
     return trainer

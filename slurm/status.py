@@ -1,4 +1,4 @@
-"""``python -m slurm.status RUN_DIR`` — the SLURM jobs of a run: id, state, requeues, latest checkpoint, last metrics.
+"""``python -m slurm.status RUN_DIR`` — the SLURM jobs of a run: id, state, requeues, latest checkpoint, last metrics, goodput.
 
 Reads RUN_DIR/slurm/jobs.jsonl and attempts.jsonl (written by ``slurm.submit`` and the sbatch
 templates), asks SLURM for each job's state (``scontrol show job``, else ``sacct``), and reads the
@@ -16,6 +16,7 @@ from typing import Any
 from lmforge.errors import ConfigError, run_cli
 from lmforge.rundir import latest_state
 from lmforge.tensorboard import read_scalars, tensorboard_dir
+from pretrain.goodput import account, read_segments
 from slurm.launch import read_records
 
 USAGE = __doc__.strip().splitlines()[0].split(" — ")[0].strip("`")
@@ -91,6 +92,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         step, scalars = m
         shown = ", ".join(f"{k} {v:.4g}" for k, v in sorted(scalars.items()) if k.split("/")[0] in ("train", "eval"))
         print(f"last metrics (step {step}): {shown}")
+    segments = read_segments(run_dir)
+    if segments:
+        acc = account(segments)
+        print(f"goodput: {acc['fraction']:.1%} of {acc['wall']:.0f} s over {len(segments)} segment(s), "
+              f"{acc['parts']['lost']:.0f} s of lost work (python -m pretrain.goodput {run_dir} for the table)")
     return 0
 
 

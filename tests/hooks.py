@@ -41,8 +41,8 @@ class RecordSamples(Callback):
         draw = loader.next_batch
 
         def next_batch():
-            first = loader.cursor + loader.rank * loader.micro_batch  # the loader's contract: a contiguous slice
-            batch = draw()
+            batch = draw()  # the cursor may jump over skipped ranges first: read it after the draw
+            first = loader.cursor - loader.micro_batch * loader.world_size + loader.rank * loader.micro_batch
             with open(out, "a") as f:
                 f.write(json.dumps({"step": trainer.state.step + 1, "world": loader.world_size,
                                     "ids": list(range(first, first + len(batch))),
@@ -72,6 +72,28 @@ class NanAt(Callback):
 def nan() -> NanAt:
     steps, _, rank = os.environ["LMFORGE_INJECT_NAN"].partition("@")
     return NanAt({int(s) for s in steps.split(",") if s}, int(rank) if rank else None)
+
+
+class SpikeOn(Callback):
+    """Multiplies the loss of every micro-batch holding one of the global samples ``[start, end)`` by
+    ``factor``: ``LMFORGE_SPIKE_SAMPLES=START:END[xFACTOR]`` (bad data that makes the loss spike; a rollback
+    that skips those samples never sees it again)."""
+
+    def __init__(self, start: int, end: int, factor: float):
+        self.start, self.end, self.factor = start, end, factor
+
+    def on_loss(self, trainer, loss, micro_step):
+        loader = trainer.loader  # the micro-batch was just drawn: the loader's contract is a contiguous slice
+        first = loader.cursor - loader.micro_batch * loader.world_size + loader.rank * loader.micro_batch
+        if first < self.end and self.start < first + loader.micro_batch:
+            return loss * self.factor
+        return loss
+
+
+def spike() -> SpikeOn:
+    rng, _, factor = os.environ["LMFORGE_SPIKE_SAMPLES"].partition("x")
+    start, _, end = rng.partition(":")
+    return SpikeOn(int(start), int(end), float(factor or 20))
 
 
 class CountSyncs(Callback):
@@ -137,3 +159,31 @@ class CountSyncs(Callback):
 
 def count_syncs() -> CountSyncs:
     return CountSyncs()
+
+
+class SlowRank(Callback):
+    """One rank waits ``SECONDS`` longer for every micro-batch (a slow data read on one host), the others
+    then wait for it in the step's collective: ``LMFORGE_TEST_SLOW=SECONDS[@RANK]`` (every rank when no rank
+    is given)."""
+
+    def __init__(self, seconds: float, rank: int | None):
+        self.seconds, self.rank = seconds, rank
+
+    def on_train_start(self, trainer) -> None:
+        import time
+
+        if self.rank not in (None, trainer.dist.rank):
+            return
+        objective = trainer.objective
+        draw = objective.next_batch
+
+        def next_batch():
+            time.sleep(self.seconds)
+            return draw()
+
+        objective.next_batch = next_batch
+
+
+def slow() -> SlowRank:
+    seconds, _, rank = os.environ["LMFORGE_TEST_SLOW"].partition("@")
+    return SlowRank(float(seconds), int(rank) if rank else None)

@@ -75,6 +75,11 @@ def test_tensorboard_holds_every_metric(zero_runs):
     from lmforge.tensorboard import read_text
 
     assert any("config" in t for t in read_text(rd))  # the resolved config, as text
+    # the gradient norm at every stage, ZeRO-0 included (torch's optimizer keeps none: lmforge computes it)
+    ref = [v for _, v in read_scalars(zero_runs[2, "fp32"])["train/grad_norm"]]
+    for stage in (0, 1, 3):
+        norms = [v for _, v in read_scalars(zero_runs[stage, "fp32"])["train/grad_norm"]]
+        np.testing.assert_allclose(norms, ref, rtol=1e-3, err_msg=f"train/grad_norm at ZeRO-{stage}")
     assert (rd / "config.yaml").is_file() and (rd / "tokenizer" / "tokenizer.model").is_file()
 
 
