@@ -18,7 +18,12 @@ seq_len and precision, 2 processes under torchrun, rounds of all four runs in tu
 * ratios ours / limit (goal >= 0.95) and ours / peer (goal >= 1.0); MFU of each against this
   machine's measured 1-thread fp32 matmul FLOP/s per process (``pretrain.callbacks.measured_cpu_flops``);
 * peak RSS per rank (max over the 2 training processes) for ZeRO 0/2/3 on a 64.7M-param model
-  (the small shape widened to d 640, 12 layers, 10 heads), a few steps each.
+  (the small shape widened to d 640, 12 layers, 10 heads), a few steps each;
+* **where the time goes**: a cProfile of rank 0's steady-state steps (bench/_profile_hook.py) of ours at
+  ZeRO-2 and at ZeRO-0, summed per component (autograd backward, model forward, gloo collectives, ZeRO
+  bucketing, optimizer, DeepSpeed engine, lmforge's own loop): the ZeRO-2 record of each component is
+  compared with its ZeRO-0 record, so the report shows what ZeRO-2 adds per step (ZeRO-0 runs as fast as
+  the plain loop: it is the limit's own arithmetic in the same engine).
 
 Precision is fp32 everywhere: bf16 matmuls on these CPUs (no AMX/AVX512-BF16) are ~10x slower.
 Step-1 losses of the three are recorded: they must agree (same weights, same windows). All scratch
@@ -29,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import shutil
 import statistics
 from pathlib import Path
@@ -214,6 +220,47 @@ def scaling(best: dict[str, dict[str, Any]], runs: dict[str, list[dict[str, Any]
     return [one, r]
 
 
+def profile(a: argparse.Namespace, shards: Path, scratch: Path) -> list[dict[str, Any]]:
+    """Seconds per step per component, ZeRO-2 against ZeRO-0 (bench/_profile_hook.py)."""
+    from bench._train_common import SUB_ENV
+
+    out: dict[int, dict[str, Any]] = {}
+    for stage in (0, 2):
+        run_dir = scratch / f"profile-zero{stage}"
+        shutil.rmtree(run_dir, ignore_errors=True)
+        run_dir.mkdir(parents=True)
+        prof = run_dir / "profile.json"
+        args = train_args(run_dir, shards, a, a.profile_steps, [f"--zero.stage={stage}",
+                                                                "--callbacks=[bench._profile_hook:profile]"])
+        log(NAME, f"profile: ZeRO-{stage}, {a.profile_steps} steps (load {load_average()})")
+        r = run_tree(torchrun(WORLD, "pretrain", args), env={**SUB_ENV, "LMFORGE_PROFILE_OUT": str(prof),
+                                                               "LMFORGE_PROFILE_FROM": str(a.warmup + 1)})
+        check(NAME, f"profile ZeRO-{stage}", r)
+        out[stage] = json.loads(prof.read_text())
+    recs: list[dict[str, Any]] = []
+    cmd = "LMFORGE_PROFILE_OUT=FILE torchrun --nproc_per_node 2 -m pretrain " + " ".join(train_args(
+        Path("RUN"), shards, a, a.profile_steps, ["--callbacks=[bench._profile_hook:profile]"])) + " --zero.stage=S"
+    parts = sorted(set(out[0]["per_step_seconds"]) | set(out[2]["per_step_seconds"]),
+                   key=lambda k: -out[2]["per_step_seconds"].get(k, 0.0))
+    for stage in (0, 2):
+        common = {"what": f"cProfile of rank 0, steps {a.warmup + 1}-{a.profile_steps} of ours at ZeRO-{stage}: self "
+                          "time per step of the functions of this component (a C++ op is charged to its Python "
+                          "callers); the profiler slows Python-heavy code more than kernels",
+                  "command": cmd.replace("stage=S", f"stage={stage}"),
+                  "profiled_seconds_per_step": round(out[stage]["seconds_per_step"], 3),
+                  "steps_profiled": out[stage]["steps_profiled"]}
+        recs.append(record(f"{NAME}.profile.zero{stage}.step", "seconds", out[stage]["seconds_per_step"], "s/step",
+                           recs[0] if stage == 2 else None,
+                           config={**common, "top_functions": out[stage]["top_functions"][:8]}))
+        for part in parts:
+            tag = re.sub(r"[^a-z0-9]+", "_", part.lower()).strip("_")
+            base = next((r for r in recs if r["name"] == f"{NAME}.profile.zero0.{tag}"), None)
+            recs.append(record(f"{NAME}.profile.zero{stage}.{tag}", "seconds",
+                               out[stage]["per_step_seconds"].get(part, 0.0), "s/step", base,
+                               config={**common, "component": part}))
+    return recs
+
+
 def n_params_of(args: list[str]) -> int:
     from pretrain.cli import parse_args
     from pretrain.model import build_model, count_params
@@ -256,6 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=3, help="first steps left out of the steady state")
     ap.add_argument("--repeats", type=int, default=None, help="rounds of ours/peer/limit (default 2)")
     ap.add_argument("--skip-memory", action="store_true")
+    ap.add_argument("--skip-profile", action="store_true")
     ap.add_argument("--only-memory", action="store_true",
                     help="re-measure RSS per ZeRO variant only; the other records of the last run are kept")
     a = ap.parse_args(argv)
@@ -263,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     a.steps = a.steps or (6 if a.quick else 12)
     a.repeats = a.repeats or (1 if a.quick else 2)
     a.mem_steps = 2 if a.quick else 4
+    a.profile_steps = a.warmup + (3 if a.quick else 6)
     shards = ensure_shards(NAME)
     scratch = SCRATCH / NAME
     scratch.mkdir(parents=True, exist_ok=True)
@@ -273,6 +322,8 @@ def main(argv: list[str] | None = None) -> int:
         recs = [r for r in kept if ".rss_per_rank." not in r["name"]] + memory(a, shards, scratch)
     else:
         recs = throughput(a, shards, scratch)
+        if not a.skip_profile:
+            recs += profile(a, shards, scratch)
         if not a.skip_memory:
             recs += memory(a, shards, scratch)
     emit(recs, NAME + ("-quick" if a.quick else ""), command=bench_command(NAME, argv))
