@@ -38,6 +38,7 @@ from lmforge.io import atomic_copy, atomic_write_bytes, atomic_write_text
 from lmforge.log import print0
 
 SPECIAL_TOKENS = {"unk": "<unk>", "bos": "<s>", "eos": "</s>", "pad": "<pad>"}  # ids 0, 1, 2, 3
+MASK_TOKEN = "<mask>"  # the extra special token a masked LM needs (--extra-special-tokens '<mask>')
 LITERAL_SPACE_MARK = "<U+2581>"  # control piece standing for a literal U+2581 in the text
 MODEL_FILE = "tokenizer.model"
 DEFAULT_TRAIN_THREADS = 4  # fixed, not os.cpu_count(): SentencePiece's output depends on the thread count
@@ -406,11 +407,19 @@ def _bpe_merges(proto: model_pb2.ModelProto, names: list[str], ids: dict[str, in
 
 def _write_hf_files(proto: model_pb2.ModelProto, out: Path) -> None:
     specials = {f"{k}_token": v for k, v in SPECIAL_TOKENS.items()}
+    masked = any(p.piece == MASK_TOKEN and p.type == _Piece.USER_DEFINED for p in proto.pieces)
+    if masked:
+        # a masked-LM tokenizer: what pipeline("fill-mask") and BERT-style heads look up (the masked model
+        # reads <s> as its [CLS] and </s> as its [SEP])
+        specials.update(mask_token=MASK_TOKEN, cls_token=SPECIAL_TOKENS["bos"], sep_token=SPECIAL_TOKENS["eos"])
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",
         "model_max_length": HF_MODEL_MAX_LENGTH,
         **specials,
-        "split_special_tokens": True,  # "<s>" in text is text (as in SentencePiece), not BOS
+        # "<s>" in text is text (as in SentencePiece), not BOS; but a masked LM's "<mask>" in text must be the
+        # mask (fill-mask), and transformers 5 splits every declared special token alike: there, as in BERT,
+        # special tokens written in the text are those tokens
+        "split_special_tokens": not masked,
         "clean_up_tokenization_spaces": False,
         "add_bos_token": False,
         "add_eos_token": False,

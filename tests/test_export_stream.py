@@ -115,6 +115,23 @@ def test_the_run_precision_is_the_default_dtype(runs, tmp_path, capsys):
     assert "float32 weights (--dtype)" in capsys.readouterr().out
 
 
+def test_a_masked_export_fills_masks_through_the_transformers_pipeline(runs, tmp_path):
+    from transformers import AutoTokenizer, pipeline
+
+    from data_pipeline.tokenizer import Tokenizer
+    from pretrain.export import export
+
+    out = export(runs["zero3-bf16-masked"], tmp_path / "hf", dtype="fp32")
+    hf = AutoTokenizer.from_pretrained(out)
+    ours = Tokenizer.load(out)
+    assert (hf.mask_token, hf.cls_token, hf.sep_token) == ("<mask>", "<s>", "</s>")
+    assert hf.mask_token_id == ours.token_to_id("<mask>")
+    fill = pipeline("fill-mask", model=str(out), tokenizer=hf, device="cpu")
+    guesses = fill(f"def f(x):\n    return {hf.mask_token} + 1\n", top_k=3)
+    assert len(guesses) == 3 and all(g["token"] != hf.mask_token_id and 0 < g["score"] <= 1 for g in guesses)
+    assert guesses[0]["sequence"].startswith("def f(x):")
+
+
 def test_a_checkpoint_missing_a_partition_is_refused_with_what_to_do(runs, tmp_path):
     from pretrain.checkpoint import CheckpointError
     from pretrain.export import export

@@ -80,8 +80,16 @@ def test_hugging_face_gives_sentencepiece_ids(trained, docs):
     assert hf.is_fast and len(hf) == VOCAB
     texts = ODD + docs + ["".join(docs[:100])]  # the last one is long enough to need exact chunking
     ids = trained.encode_batch(texts)
-    wrong = [i for i, (t, x) in enumerate(zip(texts, ids)) if hf.encode(t, add_special_tokens=False) != x]
+    # These tokenizers have <mask>: a masked LM's HF tokenizer reads special tokens written in the text as
+    # those tokens, as BERT's do (fill-mask needs "<mask>" matched, and transformers 5 splits every declared
+    # special token or none), so the ids agree on every text without a literal <s>, </s>, <pad> or <unk>.
+    literal = [i for i, t in enumerate(texts) if any(s in t for s in ("<s>", "</s>", "<pad>", "<unk>"))]
+    assert literal and len(literal) < 5
+    wrong = [i for i, (t, x) in enumerate(zip(texts, ids)) if i not in literal
+             and hf.encode(t, add_special_tokens=False) != x]
     assert wrong == [], f"ids differ for texts {wrong[:5]}"
+    assert hf.encode("<s>x<mask>", add_special_tokens=False)[0] == trained.bos_id
+    assert hf.encode("<s>x<mask>", add_special_tokens=False)[-1] == trained.token_to_id("<mask>") == hf.mask_token_id
     wrong = [i for i, (t, x) in enumerate(zip(texts, ids)) if hf.decode(x) != t]
     assert wrong == [], f"HF decode differs for texts {wrong[:5]}"
     raw = RawHF.from_file(str(trained.model_path.parent / "tokenizer.json"))  # tokenizers alone, no transformers
@@ -188,3 +196,13 @@ def test_bad_training_arguments(tmp_path):
         train_tokenizer(iter([]), tmp_path, 1000)
     with pytest.raises(DataError, match="vocab_size"):
         train_tokenizer(iter(["tiny corpus"]), tmp_path, 5000)
+
+
+def test_without_a_mask_token_special_lookalikes_in_text_stay_text_in_hugging_face(tmp_path, docs):
+    from transformers import AutoTokenizer
+
+    tok = train_tokenizer(iter(docs[:60]), tmp_path, 600, "bpe", sample_docs=60, max_sample_chars=300_000)
+    hf = AutoTokenizer.from_pretrained(tmp_path)
+    text = "lookalikes <s> </s> <pad> <unk> <mask>"
+    assert hf.mask_token is None and hf.encode(text, add_special_tokens=False) == tok.encode(text)
+    assert tok.bos_id not in tok.encode(text)
