@@ -146,10 +146,11 @@ def _inspect(args) -> int:
         for p in problems:
             print(f"CORRUPT {p}", file=sys.stderr)
         if problems:
-            print(f"error: {len(problems)} damaged shard(s) in {m.root}; rebuild them (re-run build into a new --out)", file=sys.stderr)
+            print(f"error: {len(problems)} damaged file(s) in {m.root}; rebuild them (re-run build into a new --out)",
+                  file=sys.stderr)
             return 1
         n = sum(len(m.shards(s)) for s in m.splits())
-        print(f"verified: {n} shard(s), all sha256 match")
+        print(f"verified: the tokenizer and {n} shard(s), all sha256 match")
     return 0
 
 

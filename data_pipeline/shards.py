@@ -155,6 +155,17 @@ class Manifest:
             return f"{s.path}: sha256 mismatch (corrupt)"
         return None
 
+    def verify_tokenizer(self) -> str | None:
+        """None when the tokenizer copy next to the shards is the manifest's (its sha256), else what is wrong."""
+        model = self.root / "tokenizer" / "tokenizer.model"
+        if not model.is_file():
+            return f"{model}: missing (the tokenizer the shards were built with)"
+        if sha256_file(model) != self.tokenizer_sha256:
+            return f"{model}: sha256 mismatch with {self.root / MANIFEST} (corrupt or replaced tokenizer)"
+        return None
+
     def verify(self) -> list[str]:
-        """Re-hash every shard of every split; a list of problems (empty when all is well)."""
-        return [p for split in self.splits() for s in self.shards(split) if (p := self.verify_shard(s))]
+        """Re-hash every file the manifest depends on (the tokenizer copy and every shard of every split);
+        a list of problems (empty when all is well)."""
+        problems = [p] if (p := self.verify_tokenizer()) else []
+        return problems + [p for split in self.splits() for s in self.shards(split) if (p := self.verify_shard(s))]

@@ -158,6 +158,21 @@ def test_inspect_and_verify_name_damaged_shards(tmp_path, corpus_dir, tokenizer_
     assert f"{last}:" in err and "truncated" in err and f"{missing}: missing" in err
 
 
+def test_verify_and_training_refuse_a_damaged_tokenizer_copy(tmp_path, corpus_dir, tokenizer_dir, capsys):
+    from pretrain.objective import shard_tokenizer
+
+    out = tmp_path / "o"
+    build_shards([str(corpus_dir)], tokenizer_dir, out, shard_tokens=200_000, val_docs=5, val_every=10)
+    model = out / "tokenizer" / "tokenizer.model"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0x01  # one flipped bit: SentencePiece may still load it
+    model.write_bytes(bytes(data))
+    assert cli_main(["inspect", str(out), "--verify"]) == 1
+    assert f"{model}: sha256 mismatch" in capsys.readouterr().err
+    with pytest.raises(DataError, match="tokenizer"):
+        shard_tokenizer([str(out)])
+
+
 def test_cli_train_tokenizer_and_build_json_inputs(tmp_path, stdlib_files):
     """The CLI end to end on a JSONL corpus (tiny vocab to stay fast)."""
     rows = [{"text": Path(f).read_text(errors="replace")} for f in stdlib_files[:300]]
