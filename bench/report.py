@@ -77,9 +77,22 @@ def _first(records: Sequence[dict[str, Any]], key: str) -> Any:
     return next((r["config"][key] for r in records if r["config"].get(key) is not None), None)
 
 
+_GOAL_ROW = re.compile(r"^\| `([^`]+)` \|.*\| (yes|\*\*no\*\*) \|$", re.M)
+
+
+def old_sections(path: Path) -> dict[str, str]:
+    """{benchmark: its section's Markdown} of an existing report (empty when there is none)."""
+    text = Path(path).read_text() if Path(path).is_file() else ""
+    parts = re.split(r"(?m)^## ", text)[1:]
+    return {p.split("\n", 1)[0].strip(): "## " + p.rstrip() + "\n" for p in parts}
+
+
 def render(results: dict[str, list[dict[str, Any]]], machine: dict[str, Any] | None, quick: bool,
-           generated: str | None = None) -> str:
-    """The whole REPORT.md text for ``results`` ({benchmark: records})."""
+           generated: str | None = None, kept: dict[str, str] | None = None) -> str:
+    """The whole REPORT.md text for ``results`` ({benchmark: records}); ``kept`` ({benchmark: Markdown}) are
+    sections of benchmarks without results here, carried over from the previous report as they were
+    (their own date and load line included), so a ``--only`` run on another machine loses nothing."""
+    kept = {k: v for k, v in (kept or {}).items() if k not in results}
     generated = generated or time.strftime("%Y-%m-%d %H:%M %Z")
     m = machine or {}
     mode = ("**Quick mode** (`--quick`): smoke-sized runs that check the machinery; the figures are NOT "
@@ -99,15 +112,21 @@ def render(results: dict[str, list[dict[str, Any]]], machine: dict[str, Any] | N
         "measured on a shared machine: see the load average next to each. No figure is asserted.",
         "",
     ]
-    goals = [r for recs in results.values() for r in recs if "meets_goal" in r["config"]]
+    goals = [(r["name"], bool(r["config"]["meets_goal"])) for recs in results.values() for r in recs
+             if "meets_goal" in r["config"]]
+    goals += [(m.group(1), m.group(2) == "yes") for section in kept.values() for m in _GOAL_ROW.finditer(section)]
     if goals:
-        met = sum(bool(r["config"]["meets_goal"]) for r in goals)
+        met = sum(ok for _, ok in goals)
         out += [f"Goals met: {met} of {len(goals)}"
-                + (" (not met: " + ", ".join(f"`{r['name']}`" for r in goals if not r["config"]["meets_goal"]) + ")"
+                + (" (not met: " + ", ".join(f"`{n}`" for n, ok in sorted(goals) if not ok) + ")"
                    if met < len(goals) else "") + ".", ""]
-    if not results:
+    if not results and not kept:
         out += ["No results yet: run `make bench` (or `python -m bench --quick`).", ""]
-    for name, recs in results.items():
+    for name in sorted({*results, *kept}):
+        if name in kept:
+            out += [kept[name].rstrip(), ""]
+            continue
+        recs = results[name]
         load = _first(recs, "loadavg_1_5_15")
         out += [
             f"## {name}",
@@ -130,7 +149,7 @@ def write_report(quick: bool, results_dir: Path = RESULTS_DIR, out: Path = REPOR
     results = load_results(results_dir, quick)
     machine_path = Path(results_dir) / "machine.json"
     machine = json.loads(machine_path.read_text()) if machine_path.is_file() else None
-    text = render(results, machine, quick)
+    text = render(results, machine, quick, kept=old_sections(out))
     tmp = Path(out).with_name(Path(out).name + ".tmp")
     tmp.write_text(text)
     tmp.replace(out)

@@ -37,6 +37,19 @@ def test_report_from_emitted_results(tmp_path, capsys):
     assert "Full runs" in full and "`toy.only_full`" in full and "toy.build.w1" not in full
 
 
+def test_sections_without_results_here_are_carried_over(tmp_path):
+    emit(synthetic(), "toy", results_dir=tmp_path, command="python -m bench.toy")
+    out = tmp_path / "REPORT.md"
+    report.write_report(quick=False, results_dir=tmp_path, out=out)
+    (tmp_path / "toy.json").rename(tmp_path / "elsewhere.json.bak")  # measured on another machine, not here
+    emit([record("zz.new", "seconds", 2.0, "s", config={"goal": "< 3 s", "meets_goal": True})], "zz",
+         results_dir=tmp_path, command="python -m bench.zz")
+    text = report.write_report(quick=False, results_dir=tmp_path, out=out).read_text()
+    assert "## toy" in text and "| `toy.build.w1` | 1,500.0 |" in text and "Produced by `python -m bench.toy`" in text
+    assert "## zz" in text and text.index("## toy") < text.index("## zz")
+    assert "Goals met: 1 of 2 (not met: `toy.build.w1`)" in text
+
+
 def test_table_rows_and_escaping():
     r = record("a.b", "seconds", 0.5, "s", config={"goal": "x | y"})
     table = report.markdown_table([r]).splitlines()
