@@ -38,6 +38,28 @@ class FinetuneZeroConfig(ZeroConfig):
 
 
 @dataclass
+class FinetuneOptimConfig(OptimConfig):
+    """Pretraining's optimizer section; ``lr: null`` (the presets' default) scales BERT-base's 5e-5 with the
+    backbone's width: ``5e-5 · 768 / hidden_size`` (:func:`finetune.config.auto_lr`)."""
+
+    lr: float | None = None
+
+
+AUTO_LR_BASE, AUTO_LR_WIDTH = 5e-5, 768  # BERT-base's fine-tuning lr, at its width
+
+
+def auto_lr(hidden_size: int, freeze_backbone: bool = False) -> tuple[float, str]:
+    """The fine-tuning lr for a backbone of this width, and why. Adam's update size is the lr whatever the
+    width, while a wider layer sums more inputs, so the lr that moves its output as much scales as 1/width
+    (muP's rule for hidden matrices): BERT-base's 5e-5 at 768 is 3e-4 at the `tiny` preset's 128. A frozen
+    backbone trains one linear head, which takes 10x that (a linear probe)."""
+    lr = AUTO_LR_BASE * AUTO_LR_WIDTH / hidden_size * (10 if freeze_backbone else 1)
+    why = (f"auto: {AUTO_LR_BASE:g} x {AUTO_LR_WIDTH} / hidden_size {hidden_size}"
+           + (" x 10 for a head on a frozen backbone" if freeze_backbone else "") + "; set optim.lr to choose")
+    return lr, why
+
+
+@dataclass
 class TaskConfig:
     type: Literal["sequence_classification", "token_classification", "question_answering", "sft"] = (
         "sequence_classification"
@@ -47,6 +69,11 @@ class TaskConfig:
     doc_stride: int = 64  # question answering: tokens shared by consecutive windows of a long context
     max_answer_tokens: int = 30  # question answering: longest predicted span
     tag_scheme: Literal["BIO", "BIOES"] = "BIO"  # token classification: how entity spans are tagged
+    # sequence classification with a causal backbone: the token whose state the head reads. "last": the last
+    # token of the text; "eos": a closing </s> (in pretraining </s> ends a document, so its state is trained to
+    # predict the next, unrelated one). Both export as transformers' rightmost-token classifier. Masked
+    # backbones read the first token (BERT's pooler) either way.
+    pooling: Literal["last", "eos"] = "last"
     packing: bool = False  # sft: pack several examples into one max_seq_len window
     prompt_template: str = "### Instruction:\n{instruction}\n\n### Response:\n"  # sft: {instruction} is filled in
     max_new_tokens: int = 32  # sft: length of the sample generations
@@ -105,7 +132,7 @@ class FinetuneConfig:
     task: TaskConfig = field(default_factory=TaskConfig)
     data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
     transfer: TransferConfig = field(default_factory=TransferConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)  # the fine-tuning defaults are in configs/finetune/_base.yaml
+    optim: FinetuneOptimConfig = field(default_factory=FinetuneOptimConfig)  # defaults: configs/finetune/_base.yaml
     train: FinetuneTrainConfig = field(default_factory=FinetuneTrainConfig)
     zero: FinetuneZeroConfig = field(default_factory=FinetuneZeroConfig)  # stage resolved at start-up
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
@@ -140,6 +167,8 @@ class FinetuneConfig:
             raise ConfigError("transfer.aux_lm_weight: sft already trains the language-modelling loss; leave it at 0")
         if self.train.max_steps is not None and self.train.max_steps <= 0:
             raise ConfigError("train.max_steps: must be positive")
+        if self.optim.lr is not None and self.optim.lr < 0:
+            raise ConfigError("optim.lr: must be >= 0 (or null: scaled with the backbone's width)")
         if self.spike.action == "rollback":
             raise ConfigError("spike.action=rollback is pretraining's (it moves the shard cursor): use skip or log")
         if self.train.epochs <= 0:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline.tokenizer import Tokenizer
-from finetune.config import FinetuneConfig
+from finetune.config import FinetuneConfig, auto_lr
 from finetune.data import split_validation
 from finetune.model import (
     Backbone,
@@ -182,6 +182,8 @@ def publish(trainer: Trainer, backbone: Backbone, results: dict[str, Any], chose
         "features": {k: len(v[1]) for k, v in obj.splits.items()},
         "init_from": {"path": cfg.init_from, **backbone.source},
         "random_init": cfg.transfer.random_init,
+        "lr": cfg.optim.lr,
+        "pooling": cfg.task.pooling,
         "world_size": trainer.dist.world_size,
         "export": str(export_dir),
         "finished_at": time.time(),
@@ -216,6 +218,11 @@ def prepare(cfg: FinetuneConfig, rank: int, world_size: int) -> Setup:
     from finetune.estimate import resolve_zero_stage
 
     changes: dict[str, Any] = {"precision": resolve_precision(cfg.precision), "model": backbone.model}
+    if cfg.optim.lr is None:
+        changes["optim.lr"], why = auto_lr(backbone.model.hidden_size, cfg.transfer.freeze_backbone)
+        print0(f"fine-tuning lr {changes['optim.lr']:.2e} ({why})")
+    else:
+        print0(f"fine-tuning lr {cfg.optim.lr:.2e} (optim.lr)")
     # "auto" → 0 or 3 by size, before anything reads it
     changes["zero.stage"] = resolve_zero_stage(resolved(cfg, changes), backbone, world_size)
     target = resolve_resume(resolved(cfg, changes), world_size)  # a resume keeps the checkpoint's global batch

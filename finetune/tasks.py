@@ -169,13 +169,16 @@ class SequenceClassification(Task):
             if lab not in label_id:
                 raise DataError(f"{ex.source}: label {lab!r} is not among the training labels {self.labels}; "
                                 f"fix the {split} data or list every class in task.labels")
-            budget = self.cfg.task.max_seq_len - (3 if b is not None else 2)
+            # a causal model pools its rightmost token (task.pooling): </s> ("eos"), or the last word ("last":
+            # no closing </s>, which pretraining taught to forget the document it ends)
+            close = [] if self.kind == "causal" and self.cfg.task.pooling == "last" else [self.vocab.eos]
+            budget = self.cfg.task.max_seq_len - 1 - len(close) - (1 if b is not None else 0)
             a, b = _truncate_pair(a, b, budget)
-            ids = [self.vocab.bos, *a, self.vocab.eos]
+            ids = [self.vocab.bos, *a, *(close if b is None else [self.vocab.eos])]
             types = [0] * len(ids)
             if b is not None:
-                ids += [*b, self.vocab.eos]
-                types += [1] * (len(b) + 1)
+                ids += [*b, *close]
+                types += [1] * (len(b) + len(close))
             feats.append({"input_ids": ids, "token_type_ids": types, "labels": label_id[lab], "example": i})
         return feats
 

@@ -166,8 +166,11 @@ def test_sequence_classification_beats_chance_and_exports(tmp_path, causal_zero3
 
     train, test = fd.classification(tmp_path / "train.csv", 300, 1), fd.classification(tmp_path / "test.csv", 100, 2)
     run = tmp_path / "cls"
-    _finetune("classify", run, causal_zero3, train, test, "--train.epochs=4")
+    proc = _finetune("classify", run, causal_zero3, train, test, "--train.epochs=4", "--optim.lr=null")
     m = _metrics(run)
+    # the preset's lr is scaled with the backbone's width (tiny: d 128), and the run says so first
+    assert "fine-tuning lr 3.00e-04 (auto: 5e-05 x 768 / hidden_size 128" in proc.stdout
+    assert m["lr"] == pytest.approx(3e-4) and m["pooling"] == "last"
     assert m["test/accuracy"] >= 0.85 and m["test/macro_f1"] >= 0.85, m  # chance: 0.5
     assert {"eval/loss", "eval/accuracy", "test/loss"} <= m.keys() and m["labels"] == ["bad", "good"]
     assert m["examples"] == {"train": 270, "validation": 30, "test": 100}  # validation split from train
@@ -337,6 +340,31 @@ def _task(kind_of_task: str, tok_dir: Path, **task_kw):
     tok = Tokenizer.load(tok_dir)
     cfg = _cfg(task={"type": kind_of_task, **task_kw})
     return TASK_CLASSES[kind_of_task](cfg, tok, Vocab(tok.bos_id, tok.eos_id, tok.pad_id), "causal"), tok
+
+
+def test_the_default_lr_scales_with_the_width():
+    from finetune.config import auto_lr
+
+    assert auto_lr(768)[0] == pytest.approx(5e-5)  # BERT-base's recipe at BERT-base's width
+    assert auto_lr(128)[0] == pytest.approx(3e-4) and auto_lr(4096)[0] == pytest.approx(9.375e-6)
+    assert auto_lr(128, freeze_backbone=True)[0] == pytest.approx(3e-3)
+
+
+def test_a_causal_classifier_pools_the_last_word_or_a_closing_eos(tmp_path, tokenizer_dir):
+    from finetune.data import read_records
+    from finetune.tasks import SequenceClassification, Vocab
+
+    rows = read_records(fd.classification(tmp_path / "c.csv", 4, 1))
+    last, tok = _task("sequence_classification", tokenizer_dir, max_seq_len=12)  # the default: "last"
+    eos, _ = _task("sequence_classification", tokenizer_dir, max_seq_len=12, pooling="eos")
+    last.labels = eos.labels = ["bad", "good"]
+    for a, b in zip(last.encode(rows, "train"), eos.encode(rows, "train")):
+        assert b["input_ids"][-1] == tok.eos_id and a["input_ids"][-1] != tok.eos_id
+        assert a["input_ids"][0] == b["input_ids"][0] == tok.bos_id and len(a["input_ids"]) <= 12
+        assert a["input_ids"] == b["input_ids"][:-1] or len(b["input_ids"]) == 12  # only truncation differs
+    masked = SequenceClassification(last.cfg, tok, Vocab(tok.bos_id, tok.eos_id, tok.pad_id), "masked")
+    masked.labels = last.labels
+    assert all(f["input_ids"][-1] == tok.eos_id for f in masked.encode(rows, "train"))  # BERT's [SEP] stays
 
 
 def test_qa_windows_point_at_the_answer(tmp_path, tokenizer_dir):
