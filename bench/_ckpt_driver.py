@@ -9,6 +9,12 @@ the timings (seconds per call, the step dir of each save) to FILE as JSON. Each 
 the training loop is stalled for on rank 0, barriers included. Every rank also counts its
 ``torch.save`` calls (seconds, bytes, files: serialization into the page cache, before any fsync)
 into ``FILE.rank<R>``.
+
+For the stall of background saves (``checkpoint.async_save``) it also times each
+``pretrain.checkpoint.start_background_save`` (the snapshot: what training waits for) and each
+``Checkpointer.finish`` (waiting for a write in flight, then the commit), and rank 0 records the wall time
+at the end of every step (after the checkpointer's work of that step) and after the checkpointer's
+``on_train_end`` (the last write committed), with ``trainer.timings`` then.
 """
 
 from __future__ import annotations
@@ -29,7 +35,8 @@ def main() -> int:
     import pretrain.run as run
     from pretrain.cli import main as pretrain_main
 
-    timings: dict[str, list[dict]] = {"save": [], "restore": [], "ensure_universal": []}
+    timings: dict[str, list[dict]] = {"save": [], "restore": [], "ensure_universal": [], "background_save": [],
+                                      "finish": []}
 
     def timed(fn, key):
         def wrapper(*a, **kw):
@@ -58,6 +65,28 @@ def main() -> int:
 
     torch.save = counted_save
     ckpt.save = timed(ckpt.save, "save")
+    ckpt.start_background_save = timed(ckpt.start_background_save, "background_save")
+    steps: list[dict] = []
+    end: dict = {}
+    checkpointer = ckpt.Checkpointer
+    step_end, train_end, finish = checkpointer.on_step_end, checkpointer.on_train_end, checkpointer.finish
+
+    def on_step_end(self, trainer, metrics):
+        step_end(self, trainer, metrics)
+        steps.append({"step": trainer.state.step, "t": time.perf_counter()})
+
+    def on_train_end(self, trainer):
+        train_end(self, trainer)
+        end.update(t=time.perf_counter(), timings=dict(trainer.timings))
+
+    def timed_finish(self, trainer):
+        if self.pending is None:
+            return finish(self, trainer)
+        t = time.perf_counter()
+        finish(self, trainer)
+        timings["finish"].append({"seconds": time.perf_counter() - t})
+
+    checkpointer.on_step_end, checkpointer.on_train_end, checkpointer.finish = on_step_end, on_train_end, timed_finish
     ckpt.ensure_universal = timed(ckpt.ensure_universal, "ensure_universal")
     run.restore = timed(ckpt.restore, "restore")
     t0 = time.perf_counter()
@@ -65,7 +94,8 @@ def main() -> int:
     rank = int(os.environ.get("RANK", "0"))
     Path(f"{args.out}.rank{rank}").write_text(json.dumps({"torch_save": writes}))
     if rank == 0:
-        Path(args.out).write_text(json.dumps({"timings": timings, "total_seconds": time.perf_counter() - t0}, indent=1))
+        Path(args.out).write_text(json.dumps({"timings": timings, "total_seconds": time.perf_counter() - t0,
+                                              "steps": steps, "train_end": end}, indent=1))
     return rc
 
 

@@ -17,10 +17,20 @@ FFN 2560, tied) with the shards' 8192 vocab: 105.4M params, fp32, seq_len 128, m
 4. **world-size change**: resume the same checkpoint on 1 rank: seconds of restore (of which
    ``ds_to_universal``, run once and cached) and peak RSS per process (max over the rank and the
    converter's processes);
-5. **export**: ``python -m pretrain.export RUN --out DIR``: wall seconds and peak RSS.
+5. **export**: ``python -m pretrain.export RUN --out DIR``: wall seconds and peak RSS;
+6. **stall**: the training stall per save, synchronous against asynchronous (``checkpoint.async_save``),
+   on the same model and 2 ranks: 12 steps saving every 3 (4 saves), once with each, and once without
+   saving, in turn (``--stall-repeats`` rounds, 3). Figures per mode: what
+   training waited per save as lmforge counts it (``timings["checkpoint_save"]``: the whole save, or the
+   snapshot plus any wait for a write in flight and the commit), and the cost per save on the wall clock
+   (steps 2-12 and the last commit, minus the same without saves, / 4): it also holds what the background
+   writer takes from the training (on this 2-core VM both ranks' writers share the cores with the ranks),
+   and any other load on the machine; so a third, the CPU seconds a save adds (all processes, least of the
+   rounds), which other load disturbs much less.
 
 Scratch runs live in bench/results/cache/scratch/checkpoint (~4 GB while it runs, deleted at the end
-unless --keep). ``--quick``: the small preset's shape (24M), seq 64, micro 2.
+unless --keep). ``--quick``: the small preset's shape (24M), seq 64, micro 2. ``--only-stall``: section 6
+only (the other records of the last run of the mode are kept).
 """
 
 from __future__ import annotations
@@ -30,13 +40,14 @@ import json
 import multiprocessing as mp
 import os
 import shutil
+import statistics
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from bench._train_common import SCRATCH, check, ensure_shards, load_average, log, run_tree, torchrun
-from bench.common import bench_command, emit, print_table, record
+from bench.common import RESULTS_DIR, bench_command, emit, print_table, record
 from lmforge.rundir import checkpoint_dir, checkpoints_dir
 
 NAME = "checkpoint"
@@ -112,11 +123,13 @@ def raw_writes(folder: Path, nbytes: int, rank_sizes: list[int]) -> dict[str, li
     return {"fresh": fresh, "parallel": [par], "warm": [warm]}
 
 
-def driver(nproc: int, out: Path, args: list[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+def driver(nproc: int, out: Path, args: list[str], whole: bool = False) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(the run, rank 0's timings); ``whole``: everything rank 0 recorded (timings, steps, train_end)."""
     out.unlink(missing_ok=True)
     r = run_tree(torchrun(nproc, "bench._ckpt_driver", ["--out", str(out), *args]))
     check(NAME, f"{nproc}-rank driver run", r)
-    return r, json.loads(out.read_text())["timings"]
+    data = json.loads(out.read_text())
+    return r, data if whole else data["timings"]
 
 
 def params_of(args: list[str]) -> int:
@@ -128,10 +141,91 @@ def params_of(args: list[str]) -> int:
     return count_params(build_model(cfg.model, shard_tokenizer(cfg.data.shards, cfg.model.vocab_size).vocab_size, device="meta"))
 
 
+STALL_STEPS, STALL_EVERY = 12, 3
+STALL_MODES = {
+    "none": ["--checkpoint.interval_steps=0"],
+    "sync": [f"--checkpoint.interval_steps={STALL_EVERY}", "--checkpoint.async_save=false"],
+    "async": [f"--checkpoint.interval_steps={STALL_EVERY}", "--checkpoint.async_save=true"],
+}
+
+
+def stall_runs(shards: Path, scratch: Path, quick: bool, repeats: int) -> dict[str, list[dict[str, Any]]]:
+    """Section 6: per mode (no saves, sync, async) ``repeats`` 2-rank runs, the modes in turn."""
+    rounds: dict[str, list[dict[str, Any]]] = {mode: [] for mode in STALL_MODES}
+    for rnd in range(repeats):
+        for mode, extra in STALL_MODES.items():
+            rd = scratch / f"stall_{mode}"
+            shutil.rmtree(rd, ignore_errors=True)
+            args = train_args(rd, shards, quick, STALL_STEPS, extra)
+            r, data = driver(2, scratch / f"stall_{mode}.json", args, whole=True)
+            t, steps = data["timings"], {s["step"]: s["t"] for s in data["steps"]}
+            timings = data["train_end"]["timings"]
+            saves = len(t["save"]) + len(t["background_save"])
+            run = {"wall": data["train_end"]["t"] - steps[1], "saves": saves,
+                   "stall": timings.get("checkpoint_save", 0.0), "write": timings.get("checkpoint_write_background", 0.0),
+                   "save_calls": [round(x["seconds"], 3) for x in t["save"]],
+                   "snapshots": [round(x["seconds"], 3) for x in t["background_save"]],
+                   "commits": [round(x["seconds"], 3) for x in t["finish"]],
+                   "step_seconds": [round(steps[i] - steps[i - 1], 3) for i in range(2, STALL_STEPS + 1)],
+                   "run_wall_seconds": round(r["seconds"], 1), "cpu": r["cpu_seconds"], "round": rnd,
+                   "command": "torchrun --nproc_per_node 2 -m bench._ckpt_driver --out FILE " + " ".join(args)}
+            log(NAME, f"stall round {rnd} {mode}: {run['wall']:.2f} s for steps 2-{STALL_STEPS}, "
+                      f"{saves} saves, stall {run['stall']:.2f} s, background writes {run['write']:.2f} s")
+            rounds[mode].append(run)
+            shutil.rmtree(rd, ignore_errors=True)
+    return rounds
+
+
+def stall_records(rounds: dict[str, list[dict[str, Any]]], common: dict[str, Any]) -> list[dict[str, Any]]:
+    """Records of section 6: the stall per save (median of the rounds), the wall cost per save (fastest rounds),
+    the CPU cost per save (least of the rounds)."""
+    best = {mode: min(runs, key=lambda r: r["wall"]) for mode, runs in rounds.items()}
+    none, none_cpu = best["none"]["wall"], min(r["cpu"] for r in rounds["none"])
+    whats = {
+        "stall": "seconds training waited per save, as lmforge counts it (timings['checkpoint_save'] / saves, median of "
+                 "the rounds; async: the snapshot to host memory, any wait for the write in flight, the commits, the "
+                 "last write's at the end included)",
+        "save_cost": "wall seconds per save: (steps 2-12 and the last commit, with saves) - (the same without saves), "
+                     "/ saves, fastest runs; includes what the background writer takes from the training, and other "
+                     "load on the machine (see load_avg)",
+        "cpu_cost": "CPU seconds per save, all processes of the run: (with saves) - (without), / saves, least of the "
+                    "rounds; the work a save adds wherever it runs (2 ranks on 2 cores: the writers share them)",
+    }
+    recs: list[dict[str, Any]] = []
+    for kind in ("stall", "save_cost", "cpu_cost"):
+        base = None
+        for mode in ("sync", "async"):
+            run = best[mode]
+            n = max(1, run["saves"])
+            value = {"stall": statistics.median(r["stall"] for r in rounds[mode]) / n, "save_cost": (run["wall"] - none) / n,
+                     "cpu_cost": (min(r["cpu"] for r in rounds[mode]) - none_cpu) / n}[kind]
+            rec = record(f"{NAME}.{kind}.{mode}", "seconds_per_save", value, "s", base, config={
+                **common, "what": whats[kind], "mode": mode, "saves": run["saves"], "every_steps": STALL_EVERY,
+                "steps": STALL_STEPS, "wall_with_saves_s": round(run["wall"], 3), "wall_without_saves_s": round(none, 3),
+                "cpu_s_per_round": [round(r["cpu"], 1) for r in rounds[mode]],
+                "cpu_s_per_round_without_saves": [round(r["cpu"], 1) for r in rounds["none"]],
+                "stall_s_per_round": [round(r["stall"], 3) for r in rounds[mode]],
+                "wall_s_per_round": [round(r["wall"], 2) for r in rounds[mode]],
+                "wall_s_per_round_without_saves": [round(r["wall"], 2) for r in rounds["none"]],
+                "background_write_s_per_save": round(run["write"] / n, 3) if mode == "async" else None,
+                "save_calls_s": run["save_calls"], "snapshots_s": run["snapshots"], "commits_s": run["commits"],
+                "step_seconds": run["step_seconds"], "step_seconds_without_saves": best["none"]["step_seconds"],
+                "command": run["command"]})
+            if mode == "async":
+                rec["config"]["goal"] = "< sync"
+                rec["config"]["meets_goal"] = base is not None and value < base["value"]
+            recs.append(rec)
+            base = rec
+    return recs
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m bench.{NAME}", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="smoke run: 24M model, seq 64")
     ap.add_argument("--keep", action="store_true", help="keep the scratch run dir and export")
+    ap.add_argument("--only-stall", action="store_true",
+                    help="section 6 only (training stall per save, sync vs async); the other records are kept")
+    ap.add_argument("--stall-repeats", type=int, default=3, help="rounds of the three stall runs")
     a = ap.parse_args(argv)
     shards = ensure_shards(NAME)
     scratch = SCRATCH / NAME
@@ -139,6 +233,21 @@ def main(argv: list[str] | None = None) -> int:
     shutil.rmtree(scratch, ignore_errors=True)
     scratch.mkdir(parents=True)
     n_params = params_of(train_args(run_dir, shards, a.quick, 2))
+    stall_common = {"n_params": n_params, "world_size": 2, "zero_stage": 2, "precision": "fp32",
+                    "model": " ".join(model_args(a.quick))}
+    if a.only_stall:
+        log(NAME, f"{n_params / 1e6:.1f}M params; load average {load_average()} (2 cores); stall runs only")
+        last = RESULTS_DIR / f"{NAME}{'-quick' if a.quick else ''}.json"
+        kept = json.loads(last.read_text()) if last.is_file() else []
+        recs = [r for r in kept if not r["name"].startswith(tuple(f"{NAME}.{k}." for k in ("stall", "save_cost",
+                                                                                           "cpu_cost")))]
+        recs += stall_records(stall_runs(shards, scratch, a.quick, a.stall_repeats),
+                              {**stall_common, "load_avg": load_average()})
+        emit(recs, NAME + ("-quick" if a.quick else ""), command=bench_command(NAME, argv))
+        print_table(recs)
+        if not a.keep:
+            shutil.rmtree(scratch, ignore_errors=True)
+        return 0
     loads = {"start": load_average()}
     log(NAME, f"{n_params / 1e6:.1f}M params; load average {loads['start']} (2 cores)")
     show = " ".join  # the exact commands, for the records
@@ -236,6 +345,9 @@ def main(argv: list[str] | None = None) -> int:
     recs.append(record(f"{NAME}.train_run.peak_rss_per_rank", "peak_rss", r_train["peak_rss_mb_per_proc"], "MB",
                        config={**common, "what": "the 2-step saving run: max over the 2 ranks of each one's peak RSS",
                                "per_process_peaks_mb": r_train["peak_rss_mb_procs"]}))
+
+    # 6. the training stall per save, sync vs async
+    recs += stall_records(stall_runs(shards, scratch, a.quick, a.stall_repeats), {**stall_common, "load_avg": loads})
     emit(recs, NAME + ("-quick" if a.quick else ""), command=bench_command(NAME, argv))
     print_table(recs)
     if not a.keep:

@@ -12,6 +12,11 @@ Layout (``RUN_DIR/checkpoints/``)::
 
 A checkpoint without ``trainer_state.json`` (a save killed half-way) is never loaded; a resume checks the
 files against the manifest and falls back past a damaged checkpoint (:func:`verify_checkpoint`).
+
+Interval saves are asynchronous by default (``checkpoint.async_save``, :func:`start_background_save`):
+training stalls only while every rank copies its state to host memory; a thread per rank writes, fsyncs
+and hashes the files while the next steps train, and the checkpoint is committed (manifest, trainer
+state, ``latest``) at the first step end at which every rank has voted its write done.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import random
 import shutil
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -379,31 +385,43 @@ def save(trainer, reason: str = "interval") -> Path:
             dist.all_gather_object(gathered, files)
             files = {k: v for part in gathered for k, v in part.items()}
     if info.is_main:
-        missing = [rel for rel in checkpoint_files(step_dir) if rel not in files]  # named for no rank: rare
-        write_manifest(step_dir, {**files, **hash_files(step_dir, missing)})  # before the completeness marker
-        clear_verify_markers(cfg.run_dir)  # every rank is past its resume's check
-        state = {
-            **trainer.state_dict(),
-            "step": trainer.state.step,
-            "tokens_seen": trainer.state.tokens_seen,
-            "world_size": info.world_size,
-            "global_batch": trainer.plan.global_batch,
-            "zero_stage": cfg.zero.stage,
-            "precision": cfg.precision,
-            "model": to_dict(cfg.model),
-            "tokenizer_sha256": trainer.tokenizer_sha256,
-            "manifest_fingerprint": trainer.loader.fingerprint,
-            "lmforge_version": lmforge.__version__,
-            "reason": reason,
-            "saved_at": time.time(),
-        }
-        mark_complete(step_dir, state)
-        rotate(root, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
+        _commit(step_dir, files, trainer_state(trainer, reason), cfg)
     if dist.is_initialized():
         dist.barrier()
     trainer.timings["checkpoint_save"] += time.time() - t0
     print0(f"checkpoint {tag} saved ({reason}, {time.time() - t0:.1f}s)")
     return step_dir
+
+
+def trainer_state(trainer, reason: str) -> dict[str, Any]:
+    """What ``trainer_state.json`` records of the step being saved (a JSON copy: later steps change nothing)."""
+    cfg, info = trainer.cfg, trainer.dist
+    state = {
+        **trainer.state_dict(),
+        "step": trainer.state.step,
+        "tokens_seen": trainer.state.tokens_seen,
+        "world_size": info.world_size,
+        "global_batch": trainer.plan.global_batch,
+        "zero_stage": cfg.zero.stage,
+        "precision": cfg.precision,
+        "model": to_dict(cfg.model),
+        "tokenizer_sha256": trainer.tokenizer_sha256,
+        "manifest_fingerprint": trainer.loader.fingerprint,
+        "lmforge_version": lmforge.__version__,
+        "reason": reason,
+        "saved_at": time.time(),
+    }
+    return json.loads(json.dumps(state))
+
+
+def _commit(step_dir: Path, files: dict[str, dict[str, Any]], state: dict[str, Any], cfg) -> None:
+    """Rank 0, once every rank's files are durable: the manifest, the completeness marker and ``latest``
+    (:func:`mark_complete`), then the rotation of older checkpoints."""
+    missing = [rel for rel in checkpoint_files(step_dir) if rel not in files]  # named for no rank: rare
+    write_manifest(step_dir, {**files, **hash_files(step_dir, missing)})  # before the completeness marker
+    clear_verify_markers(cfg.run_dir)  # every rank is past its resume's check
+    mark_complete(step_dir, state)
+    rotate(step_dir.parent, cfg.checkpoint.keep_last, cfg.checkpoint.keep_every)
 
 
 def _own_file_hashes(step_dir: Path, rank: int, world: int) -> dict[str, dict[str, Any]]:
@@ -432,6 +450,187 @@ def rotate(root: Path, keep_last: int, keep_every: int) -> None:
             continue
         shutil.rmtree(d, ignore_errors=True)
         shutil.rmtree(d.parent / (d.name + "_universal"), ignore_errors=True)
+
+
+# ---------------------------------------------------------------- asynchronous save
+class HostBuffers:
+    """Host memory for the snapshots of one rank, kept from one save to the next: the same shapes come back
+    every save, and copying into pages already touched is ~5x faster than into fresh ones (measured: 244 MB
+    in 0.024 s vs 0.11 s). Costs one copy of the rank's checkpoint files in host memory while training."""
+
+    def __init__(self):
+        self._free: dict[int, list[torch.UntypedStorage]] = {}
+
+    def take(self, nbytes: int) -> torch.UntypedStorage:
+        free = self._free.get(nbytes)
+        return free.pop() if free else torch.empty(nbytes, dtype=torch.uint8).untyped_storage()
+
+    def give(self, storages: list[torch.UntypedStorage]) -> None:
+        for st in storages:
+            self._free.setdefault(st.nbytes(), []).append(st)
+
+
+class _Recorder:
+    """Stands in for torch.save's zip writer: keeps the records ``torch.serialization._save`` writes (the
+    pickle, small metadata) and a host copy of every tensor storage, to be written later by :func:`_replay`.
+    The file is then byte for byte what ``torch.save`` writes (same records, same order)."""
+
+    def __init__(self, buffers: HostBuffers):
+        self.buffers = buffers
+        self.records: list[tuple[str, Any, int]] = []
+
+    def write_record(self, name: str, data, nbytes: int) -> None:
+        if isinstance(data, str | bytes):
+            self.records.append((name, data, nbytes))
+            return
+        copy = self.buffers.take(nbytes)  # ``data`` is the live storage (or torch's own host copy of a GPU one)
+        copy.copy_(data)
+        self.records.append((name, copy, nbytes))
+
+    def write_record_metadata(self, name: str, nbytes: int) -> None:  # torch.save under skip_data only
+        raise CheckpointError("checkpoint.async_save: torch's skip_data serialization mode is not supported")
+
+
+def _snapshot(obj: Any, buffers: HostBuffers) -> list[tuple[str, Any, int]]:
+    """``torch.save(obj, ...)``'s records with every storage copied to host memory (the training stall)."""
+    rec = _Recorder(buffers)
+    torch.serialization._save(obj, rec, pickle, torch.serialization.DEFAULT_PROTOCOL, False)
+    return rec.records
+
+
+def _replay(path: Path, records: list[tuple[str, Any, int]]) -> None:
+    """Write the records of :func:`_snapshot` to ``path`` as ``torch.save`` would (its zip writer)."""
+    from torch.serialization import _get_storage_alignment, get_crc32_options
+
+    name, stream = str(path), None
+    try:
+        name.encode("ascii")
+        writer = torch._C.PyTorchFileWriter(name, get_crc32_options(), _get_storage_alignment())
+    except UnicodeEncodeError:  # as torch.save: the C++ writer takes ascii names only
+        stream = open(name, "wb")  # noqa: SIM115
+        writer = torch._C.PyTorchFileWriter(stream, get_crc32_options(), _get_storage_alignment())
+    try:
+        for rec_name, data, nbytes in records:
+            writer.write_record(rec_name, data, nbytes)
+        writer.write_end_of_file()
+    finally:
+        if stream is not None:
+            stream.close()
+
+
+class _SnapshotEngine:
+    """DeepSpeed's checkpoint engine during a background save: every ``save(state_dict, path)`` DeepSpeed
+    makes is snapshotted (:func:`_snapshot`) instead of written; the rest is the real engine's."""
+
+    def __init__(self, real, buffers: HostBuffers):
+        self._real, self._buffers = real, buffers
+        self.files: list[tuple[Path, list]] = []
+
+    def save(self, state_dict, path: str) -> None:
+        self.files.append((Path(path), _snapshot(state_dict, self._buffers)))
+
+    def __getattr__(self, name: str):
+        return getattr(self._real, name)
+
+
+def background_save_problem(engine) -> str | None:
+    """Why saves cannot go to the background with this engine (None: they can). They need DeepSpeed's plain
+    torch.save engine writing zip files (the default; a ``checkpoint.writer`` in the engine JSON selects
+    another) and torch's internal ``serialization._save(obj, zip_file, pickle_module, protocol, byteorder)``."""
+    import inspect
+
+    from deepspeed.runtime.checkpoint_engine import TorchCheckpointEngine
+
+    real = getattr(engine, "checkpoint_engine", None)
+    if type(real) is not TorchCheckpointEngine:
+        return f"DeepSpeed's checkpoint engine is {type(real).__name__}, not TorchCheckpointEngine"
+    if not getattr(real, "zipfile_serialization", True):
+        return "the engine JSON turns DeepSpeed's zip serialization off (checkpoint.checkpoint_serialization)"
+    fn = getattr(torch.serialization, "_save", None)
+    try:
+        params = list(inspect.signature(fn).parameters) if fn is not None else []
+    except (TypeError, ValueError):
+        params = []
+    if params[:5] != ["obj", "zip_file", "pickle_module", "pickle_protocol", "_disable_byteorder_record"]:
+        return f"torch {torch.__version__} has no torch.serialization._save(obj, zip_file, ...) to snapshot with"
+    return None
+
+
+class BackgroundSave:
+    """One checkpoint being written by a thread of this rank, committed later by :meth:`Checkpointer.finish`."""
+
+    def __init__(self, step_dir: Path, files: list[tuple[Path, list]], state: dict[str, Any] | None,
+                 reason: str, stall: float, rank: int, world: int):
+        self.step_dir, self.files, self.state, self.reason, self.stall = step_dir, files, state, reason, stall
+        self.rank, self.world = rank, world
+        self.hashes: dict[str, dict[str, Any]] | None = None
+        self.error: str | None = None
+        self.seconds = 0.0
+        # a daemon: a process that dies leaves the write unfinished, and the checkpoint uncommitted
+        self.thread = threading.Thread(target=self._run, name=f"lmforge-save-{step_dir.name}", daemon=True)
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def done(self) -> bool:
+        return not self.thread.is_alive()
+
+    def storages(self) -> list[torch.UntypedStorage]:
+        return [data for _, records in self.files for _, data, _ in records if isinstance(data, torch.UntypedStorage)]
+
+    def _run(self) -> None:
+        t0 = time.time()
+        try:
+            self.hashes = _write_snapshot(self.step_dir, self.files, self.rank, self.world)
+        except BaseException as e:  # reported by every rank at the commit
+            self.error = f"{type(e).__name__}: {e}"
+        self.seconds = time.time() - t0
+
+
+def _write_snapshot(step_dir: Path, files: list[tuple[Path, list]], rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """The background thread's work: write this rank's files, fsync them, hash them (the manifest entries)."""
+    for path, records in files:
+        _replay(path, records)
+    _fsync_own(step_dir, rank, world)
+    return _own_file_hashes(step_dir, rank, world)
+
+
+def _fsync_own(step_dir: Path, rank: int, world: int) -> None:
+    """fsync the files this rank owns (:func:`file_owner`: the ones it wrote; rank 0 also DeepSpeed's
+    recovery scripts), then the directory. Other ranks may still be writing theirs: their files are theirs."""
+    for rel in checkpoint_files(step_dir):
+        if file_owner(rel, world) == rank:
+            with open(step_dir / rel, "rb") as fh:
+                os.fsync(fh.fileno())
+    fsync_dir(step_dir)
+
+
+def start_background_save(trainer, reason: str, buffers: HostBuffers) -> BackgroundSave:
+    """Snapshot this rank's checkpoint to host memory (DeepSpeed's files through :class:`_SnapshotEngine`,
+    the RNG states, rank 0 the trainer state of this step) and start writing it in a thread; training
+    waits only for the snapshot. Every rank calls it at the same step; nothing is complete until
+    :meth:`Checkpointer.finish` commits it."""
+    cfg, info, engine = trainer.cfg, trainer.dist, trainer.engine
+    root = checkpoints_dir(cfg.run_dir)
+    step_dir = root / step_tag(trainer.state.step)
+    t0 = time.time()
+    if info.is_main and step_dir.exists():  # a leftover of an interrupted save of the same step
+        shutil.rmtree(step_dir)
+    if dist.is_initialized():
+        dist.barrier()
+    capture = _SnapshotEngine(engine.checkpoint_engine, buffers)
+    engine.checkpoint_engine = capture
+    try:
+        engine.save_checkpoint(str(root), tag=step_dir.name, save_latest=False)
+    finally:
+        engine.checkpoint_engine = capture._real
+    files = [*capture.files, (step_dir / f"rng_rank{info.rank:05d}.pt", _snapshot(rng_state(), buffers))]
+    state = trainer_state(trainer, reason) if info.is_main else None
+    pending = BackgroundSave(step_dir, files, state, reason, time.time() - t0, info.rank, info.world_size)
+    pending.start()
+    trainer.timings["checkpoint_save"] += pending.stall
+    print0(f"checkpoint {step_dir.name}: snapshot in {pending.stall:.2f}s, writing in the background ({reason})")
+    return pending
 
 
 # ---------------------------------------------------------------- restore
@@ -504,6 +703,14 @@ class Checkpointer(Callback):
 
     A signal only sets a flag; the save happens at the next step boundary, after the flag is
     all-reduced so that every rank saves the same step even if only one of them was signalled.
+
+    With ``checkpoint.async_save``, interval saves go to the background (:func:`start_background_save`);
+    at most one is in flight (a new save first waits for the previous one). Each rank votes "my write is
+    done" in the step's one collective (``save_written``); at the first step end where every rank has, the
+    checkpoint is committed: the ranks' hashes are gathered and rank 0 writes the manifest, the trainer
+    state and ``latest``, then rotates. The saves the job ends with (final, signal, exit_interval, the
+    best checkpoint) first commit the one in flight, then save synchronously; so does a loss-spike
+    rollback before it picks its checkpoint.
     """
 
     SIGNALS = ("SIGUSR1", "SIGTERM")
@@ -514,11 +721,19 @@ class Checkpointer(Callback):
         self.last_saved_step = -1
         self.signalled = False
         self._previous: dict[int, Any] = {}
+        self.background = False  # interval saves go to the background (decided in on_train_start)
+        self.pending: BackgroundSave | None = None
+        self._buffers = HostBuffers()
+        self._unbooked = 0.0  # commit stalls, added to timings["checkpoint_save"] with the next save
 
     def on_train_start(self, trainer) -> None:
         import signal
 
         self.last_saved_step = trainer.state.step  # resuming: the restored step is already on disk
+        self.background = bool(self.c.async_save)
+        if self.background and (why := background_save_problem(trainer.engine)):
+            self.background = False
+            print0(f"note: checkpoint.async_save: {why}; saving synchronously")
         if self.c.on_signal:
             for name in self.SIGNALS:
                 sig = getattr(signal, name)
@@ -529,13 +744,18 @@ class Checkpointer(Callback):
 
     def step_flags(self, trainer) -> dict[str, float]:
         """Votes for the step's one collective: a signal on any rank stops every rank; the save interval in
-        minutes is rank 0's clock (clocks differ per rank)."""
+        minutes is rank 0's clock (clocks differ per rank); this rank's background write is done."""
         due = (bool(self.c.interval_minutes) and trainer.dist.is_main
                and time.time() - self.last_save_time >= 60 * self.c.interval_minutes)
-        return {"signal": 1.0 if self.signalled else 0.0, "save_due": 1.0 if due else 0.0}
+        written = self.pending is not None and self.pending.done()
+        return {"signal": 1.0 if self.signalled else 0.0, "save_due": 1.0 if due else 0.0,
+                "save_written": 1.0 if written else 0.0}
 
     def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
         step = trainer.state.step
+        if self.pending is not None and (trainer.agreed.get("save_written", 0) >= trainer.dist.world_size
+                                         or getattr(trainer, "_rollback_due", False)):
+            self.finish(trainer)  # every rank's write is done (a rollback next: it must see the checkpoint)
         if self.c.on_signal and trainer.agreed.get("signal", 0) > 0:
             self._save(trainer, "signal")
             trainer.stop_requested = True
@@ -558,14 +778,64 @@ class Checkpointer(Callback):
     def on_train_end(self, trainer) -> None:
         import signal
 
+        self.finish(trainer)  # the job is about to end: the write in flight is committed first
         if self.c.save_final and not getattr(trainer, "preempted", False):
             self._save(trainer, "final")
+        self._book(trainer)
         for sig, prev in self._previous.items():
             signal.signal(sig, prev)
 
+    def finish(self, trainer) -> None:
+        """Wait for the background write in flight (if any) and commit it. Every rank calls it at the same
+        step (it gathers the ranks' file hashes): when all voted it done, or before a save, a rollback or
+        the end. A rank whose write failed fails every rank here, as a synchronous save would."""
+        pending, self.pending = self.pending, None
+        if pending is None:
+            return
+        info = trainer.dist
+        t0 = time.time()
+        pending.thread.join()
+        results = [(pending.error, pending.hashes)]
+        if dist.is_initialized() and info.world_size > 1:
+            results = [None] * info.world_size
+            dist.all_gather_object(results, (pending.error, pending.hashes))
+        failed = [(r, err) for r, (err, _) in enumerate(results) if err is not None]
+        if failed:
+            rank, err = failed[0]
+            raise CheckpointError(f"the background write of checkpoint {pending.step_dir.name} failed on rank {rank} "
+                                  f"({err}); {pending.step_dir} is incomplete and is never loaded")
+        if info.is_main:
+            files = {k: v for _, part in results for k, v in part.items()}
+            _commit(pending.step_dir, files, pending.state, trainer.cfg)
+        if dist.is_initialized():
+            dist.barrier()  # committed for every rank (a rollback lists the complete checkpoints on each)
+        self._buffers.give(pending.storages())
+        pending.files = []
+        waited = time.time() - t0
+        self._unbooked += waited
+        trainer.timings["checkpoint_write_background"] += pending.seconds
+        print0(f"checkpoint {pending.step_dir.name} saved ({pending.reason}, {pending.stall + waited:.1f}s; "
+               f"written in the background in {pending.seconds:.1f}s)")
+
+    def _book(self, trainer) -> None:
+        """Commit stalls count as checkpoint_save time with the next save (the goodput record then ties a
+        change of that time to the step a checkpoint was taken at)."""
+        trainer.timings["checkpoint_save"] += self._unbooked
+        self._unbooked = 0.0
+
     def _save(self, trainer, reason: str) -> None:
+        # in the background when the job goes on after it as it is (a rollback due at this step would move
+        # the step dir away under the writer: saved synchronously, then abandoned as in synchronous mode)
+        background = self.background and reason == "interval" and not getattr(trainer, "_rollback_due", False)
+        if not background:
+            self.finish(trainer)
         if trainer.state.step == self.last_saved_step:
             return
-        save(trainer, reason)
+        self.finish(trainer)  # at most one in flight
+        self._book(trainer)
+        if background:
+            self.pending = start_background_save(trainer, reason, self._buffers)
+        else:
+            save(trainer, reason)
         self.last_saved_step = trainer.state.step
         self.last_save_time = time.time()

@@ -117,6 +117,14 @@ class CheckpointConfig:
     keep_every: int = 0  # additionally keep every checkpoint whose step is a multiple of this (0 = none)
     save_final: bool = True  # save when training ends (max_steps / max_tokens reached)
     on_signal: bool = True  # SIGUSR1/SIGTERM → save at the next step boundary and exit cleanly
+    # interval saves in the background: training waits only while each rank copies its state to host memory
+    # (kept for the next save: one more copy of the rank's checkpoint in RAM); a thread writes, fsyncs and
+    # hashes it, and the checkpoint is committed (trainer_state.json, latest) once every rank's files are
+    # durable. Final, signal and exit_interval saves stay synchronous. On by default: on GPUs training then
+    # waits for a copy to host memory instead of the filesystem, and on the CPU it measured better too
+    # (bench/checkpoint.py --quick --only-stall, small preset, 2 ranks on a 2-core VM: 0.22 s of stall per
+    # save against 1.0 s synchronous, 0.54 s against 0.83 s on the wall clock, the writers sharing the cores)
+    async_save: bool = True
 
 
 @dataclass

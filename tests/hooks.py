@@ -187,3 +187,59 @@ class SlowRank(Callback):
 def slow() -> SlowRank:
     seconds, _, rank = os.environ["LMFORGE_TEST_SLOW"].partition("@")
     return SlowRank(float(seconds), int(rank) if rank else None)
+
+
+class SlowSave(Callback):
+    """Background checkpoint writes made slow, and when they happen: every rank's writer thread sleeps
+    before it fsyncs the files of the checkpoints named in ``LMFORGE_TEST_SLOW_SAVE=STEP:SECONDS[,...]``
+    (``*:SECONDS``: every checkpoint), so a test can act while a write is in flight; and, with
+    ``LMFORGE_TEST_TIMELINE=DIR``, every rank appends to ``DIR/rank<R>.jsonl`` the wall time of each step's
+    end (``{"event": "step", "step"}``) and of the start and end of each background write (``"write_start"``,
+    ``"write_end"``, ``"step"``: the checkpoint's). A test hook: lmforge's code has no branch for it (it
+    wraps :func:`pretrain.checkpoint._write_snapshot` and ``_fsync_own``, the writer thread's steps)."""
+
+    def __init__(self, delays: dict[str, float], timeline: str | None):
+        import threading
+
+        self.delays, self.timeline, self.rank = delays, timeline, 0
+        self._lock = threading.Lock()
+
+    def _log(self, event: str, step: int) -> None:
+        import json
+        import time
+        from pathlib import Path
+
+        if self.timeline:
+            with self._lock, open(Path(self.timeline) / f"rank{self.rank}.jsonl", "a") as f:
+                f.write(json.dumps({"event": event, "step": step, "t": time.time()}) + "\n")
+
+    def on_train_start(self, trainer) -> None:
+        import time
+
+        import pretrain.checkpoint as ckpt
+        from lmforge.rundir import step_of
+
+        self.rank = trainer.dist.rank
+        write, fsync = ckpt._write_snapshot, ckpt._fsync_own
+
+        def slow_write(step_dir, *a, **kw):
+            self._log("write_start", step_of(step_dir))
+            try:
+                return write(step_dir, *a, **kw)
+            finally:
+                self._log("write_end", step_of(step_dir))
+
+        def slow_fsync(step_dir, *a, **kw):
+            time.sleep(self.delays.get(str(step_of(step_dir)), self.delays.get("*", 0.0)))
+            return fsync(step_dir, *a, **kw)
+
+        ckpt._write_snapshot, ckpt._fsync_own = slow_write, slow_fsync
+
+    def on_step_end(self, trainer, metrics) -> None:
+        self._log("step", trainer.state.step)
+
+
+def slow_save() -> SlowSave:
+    spec = os.environ.get("LMFORGE_TEST_SLOW_SAVE", "")
+    delays = {k.strip(): float(v) for k, _, v in (p.partition(":") for p in spec.split(",") if p.strip())}
+    return SlowSave(delays, os.environ.get("LMFORGE_TEST_TIMELINE"))
