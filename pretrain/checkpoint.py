@@ -754,7 +754,7 @@ class Checkpointer(Callback):
     def on_step_end(self, trainer, metrics: dict[str, float]) -> None:
         step = trainer.state.step
         if self.pending is not None and (trainer.agreed.get("save_written", 0) >= trainer.dist.world_size
-                                         or getattr(trainer, "_rollback_due", False)):
+                                         or trainer.rollback_due):
             self.finish(trainer)  # every rank's write is done (a rollback next: it must see the checkpoint)
         if self.c.on_signal and trainer.agreed.get("signal", 0) > 0:
             self._save(trainer, "signal")
@@ -826,7 +826,7 @@ class Checkpointer(Callback):
     def _save(self, trainer, reason: str) -> None:
         # in the background when the job goes on after it as it is (a rollback due at this step would move
         # the step dir away under the writer: saved synchronously, then abandoned as in synchronous mode)
-        background = self.background and reason == "interval" and not getattr(trainer, "_rollback_due", False)
+        background = self.background and reason == "interval" and not trainer.rollback_due
         if not background:
             self.finish(trainer)
         if trainer.state.step == self.last_saved_step:

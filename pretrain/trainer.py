@@ -405,12 +405,21 @@ class Trainer:
         return metrics
 
     # ------------------------------------------------------------------ run state
+    @property
+    def rollback_due(self) -> bool:
+        """The step just taken ends in a loss-spike rollback (callbacks: do not start a save of it)."""
+        return self._rollback_due
+
     def state_dict(self) -> dict[str, Any]:
-        return {"trainer": asdict(self.state), "spike": self.spike.state_dict(), **self.objective.state_dict()}
+        # the last gradient norm too: the guard judges it at the next step, also after a resume
+        norm = None if self._grad_norm is None else float(self._grad_norm)
+        return {"trainer": asdict(self.state), "spike": {**self.spike.state_dict(), "last_grad_norm": norm},
+                **self.objective.state_dict()}
 
     def load_state_dict(self, sd: dict[str, Any], allow_data_change: bool = False) -> None:
         self.state = TrainState(**sd["trainer"])
         self.spike.load_state_dict(sd.get("spike", {}))
+        self._grad_norm = sd.get("spike", {}).get("last_grad_norm")
         self.objective.load_state_dict(sd, allow_data_change=allow_data_change)
 
     # ------------------------------------------------------------------ loss-spike rollback
@@ -449,7 +458,6 @@ class Trainer:
         self.objective.skip_data(start, end)
         self.state.spikes, self.state.rollbacks, self.state.skipped_samples = kept
         self.spike.forget_recent()
-        self._grad_norm = None
         print0(f"rollback {self.state.rollbacks}: spikes at steps {spikes} → back to {step_dir.name}; global samples "
                f"[{start}, {end}) are skipped (recorded in data_skips.json)")
         for cb in self.callbacks:

@@ -100,9 +100,6 @@ def test_async_saves_write_what_sync_saves_write_while_training_goes_on(runs):
     for step in (4, 8, 12):  # 8 and 12 by the resume, in the background too (a resumed optimizer pickles its
         tag = f"step_{step:08d}"  # per-group step counters apart: same tensors, other bytes)
         want, got = (json.loads((d / "checkpoints" / tag / "trainer_state.json").read_text()) for d in (sync, run))
-        if step > 4:  # a resume does not restore the gradient norm of its checkpoint's step, which the spike
-            for state in (want, got):  # guard's window would take in at the next step (so in sync saves too)
-                state["spike"].pop("norms")
         assert {**got, "saved_at": 0} == {**want, "saved_at": 0} and got["step"] == step  # the state of that step
         for name in ("mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                      "zero_pp_rank_1_mp_rank_00_optim_states.pt", "rng_rank00001.pt"):
