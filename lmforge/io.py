@@ -8,21 +8,23 @@ from contextlib import contextmanager
 from pathlib import Path
 
 
-def atomic_write_bytes(path: str | Path, data: bytes | memoryview, sync_dir: bool = True) -> None:
-    """Write to a temp name, fsync, rename: readers see the old file or the whole new one."""
+def atomic_write_bytes(path: str | Path, data: bytes | memoryview, sync_dir: bool = True, durable: bool = True) -> None:
+    """Write to a temp name, fsync, rename: readers see the old file or the whole new one. ``durable=False``
+    skips both fsyncs (telemetry rewritten often: a crash may lose the newest version, never tear it)."""
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:
         f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
+        if durable:
+            f.flush()
+            os.fsync(f.fileno())
     os.replace(tmp, path)
-    if sync_dir:
+    if sync_dir and durable:
         fsync_dir(path.parent)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    atomic_write_bytes(path, text.encode())
+def atomic_write_text(path: str | Path, text: str, durable: bool = True) -> None:
+    atomic_write_bytes(path, text.encode(), durable=durable)
 
 
 def fsync_dir(path: str | Path) -> None:
