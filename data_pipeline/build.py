@@ -19,7 +19,7 @@ import multiprocessing as mp
 import os
 import time
 from collections import deque
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,8 +120,8 @@ def _ordered_map(batches: Iterator[list[str]], workers: int, tokenizer_path: str
 class _Writer:
     """Accumulates train tokens into fixed-size shards and val tokens into the spill file."""
 
-    def __init__(self, out: Path, settings: BuildSettings, eos_id: int, progress: _Progress):
-        self.out, self.s, self.eos_id, self.p = out, settings, eos_id, progress
+    def __init__(self, out: Path, settings: BuildSettings, eos_id: int, progress: _Progress, on_shard=None):
+        self.out, self.s, self.eos_id, self.p, self.on_shard = out, settings, eos_id, progress, on_shard
         self.dtype = DTYPES[settings.dtype]
         self.buf = np.empty(settings.shard_tokens, dtype=self.dtype)
         self.fill = 0
@@ -165,6 +165,8 @@ class _Writer:
         self.val.flush()
         os.fsync(self.val.fileno())
         atomic_write_text(self.out / PROGRESS, json.dumps({"settings": asdict(self.s), "progress": asdict(self.p)}))
+        if self.on_shard is not None:
+            self.on_shard(self.out, len(self.p.train_shards))
 
     def close(self) -> None:
         self.val.close()
@@ -213,8 +215,14 @@ def build_shards(
     seq_len: int | None = None,
     dtype: str = "auto",
     progress: bool | None = None,
+    on_shard: Callable[[Path, int], None] | None = None,
+    allow_empty: bool = False,
 ) -> dict[str, Any]:
-    """Build (or resume, or recognise as done) a shard directory; returns the manifest dict."""
+    """Build (or resume, or recognise as done) a shard directory; returns the manifest dict.
+
+    ``on_shard(out, n)`` runs after the n-th train shard is durably recorded (monitoring, fault
+    injection); ``allow_empty`` accepts a build without training tokens (one part of a job-array build).
+    """
     tok = Tokenizer.load(tokenizer)
     out = Path(out)
     inputs = list(inputs) or sources.default_corpus_paths()
@@ -233,7 +241,7 @@ def build_shards(
     )
     if shard_tokens < 1:
         raise DataError(f"--shard-tokens {shard_tokens}: must be positive")
-    done = _finished(out, settings)
+    done = finished_build(out, settings)
     if done is not None:
         return done
     out.mkdir(parents=True, exist_ok=True)
@@ -241,12 +249,12 @@ def build_shards(
     _clean_partial(out, p, DTYPES[settings.dtype].itemsize)
     stats = sources.SourceStats()
     t0 = time.time()
-    _run(settings, tok, out, p, stats, workers, progress)
-    manifest = _finalize(out, settings, tok, p, stats, time.time() - t0)
+    _run(settings, tok, out, p, stats, workers, progress, on_shard)
+    manifest = _finalize(out, settings, tok, p, stats, time.time() - t0, allow_empty)
     return manifest
 
 
-def _finished(out: Path, settings: BuildSettings) -> dict[str, Any] | None:
+def finished_build(out: Path, settings: BuildSettings) -> dict[str, Any] | None:
     path = out / MANIFEST
     if not path.is_file():
         return None
@@ -259,7 +267,7 @@ def _finished(out: Path, settings: BuildSettings) -> dict[str, Any] | None:
     return manifest
 
 
-def _run(settings, tok, out, p: _Progress, stats, workers: int, progress: bool | None) -> None:
+def _run(settings, tok, out, p: _Progress, stats, workers: int, progress: bool | None, on_shard=None) -> None:
     seen: set[bytes] = set()
     resume_at, skip = p.docs_read, p.skip_tokens
     counters = {"raw": 0, "kept": 0, "dups": 0}
@@ -287,7 +295,7 @@ def _run(settings, tok, out, p: _Progress, stats, workers: int, progress: bool |
     if resume_at:  # fast-forward without tokenizing; the dedup set and counters are rebuilt on the way
         stream = _skip_until(stream, resume_at)
 
-    writer = _Writer(out, settings, tok.eos_id, p)
+    writer = _Writer(out, settings, tok.eos_id, p, on_shard)
     bar = _progress_bar(progress)
     try:
         items = _with_meta(stream)
@@ -362,11 +370,12 @@ def _progress_bar(progress: bool | None):
     return tqdm(unit="doc", desc="build", dynamic_ncols=True)
 
 
-def _finalize(out: Path, s: BuildSettings, tok: Tokenizer, p: _Progress, stats, seconds: float) -> dict[str, Any]:
+def _finalize(out: Path, s: BuildSettings, tok: Tokenizer, p: _Progress, stats, seconds: float,
+              allow_empty: bool = False) -> dict[str, Any]:
     itemsize = DTYPES[s.dtype].itemsize
-    val_shards = _split_spill(out, s, tok.eos_id, itemsize)
+    val_shards = split_spill(out, s, tok.eos_id, itemsize)
     train_tokens = sum(x["tokens"] for x in p.train_shards)
-    if train_tokens == 0:
+    if train_tokens == 0 and not allow_empty:
         raise DataError(
             f"no training tokens: every document of {', '.join(s.inputs)} was empty, filtered or held out "
             f"({stats.empty_skipped} empty, {stats.short_skipped} short, {p.dup_docs} duplicates)"
@@ -383,8 +392,8 @@ def _finalize(out: Path, s: BuildSettings, tok: Tokenizer, p: _Progress, stats, 
             "pad_id": tok.pad_id,
         },
         "splits": {
-            "train": _split_summary(p.train_shards),
-            "val": _split_summary(val_shards),
+            "train": split_summary(p.train_shards),
+            "val": split_summary(val_shards),
         },
         "stats": {**stats.as_dict(), "kept_documents": p.kept_docs, "duplicate_documents": p.dup_docs},
         "build": json.loads(json.dumps(asdict(s))),
@@ -407,7 +416,7 @@ def _finalize(out: Path, s: BuildSettings, tok: Tokenizer, p: _Progress, stats, 
     return manifest
 
 
-def _split_summary(shards: list[dict[str, Any]]) -> dict[str, Any]:
+def split_summary(shards: list[dict[str, Any]]) -> dict[str, Any]:
     return {
         "tokens": sum(x["tokens"] for x in shards),
         "documents": sum(x["documents"] for x in shards),
@@ -415,7 +424,7 @@ def _split_summary(shards: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
-def _split_spill(out: Path, s: BuildSettings, eos_id: int, itemsize: int) -> list[dict[str, Any]]:
+def split_spill(out: Path, s: BuildSettings, eos_id: int, itemsize: int) -> list[dict[str, Any]]:
     """Cut the validation spill into shards of shard_tokens (streamed, not loaded whole)."""
     spill = out / VAL_SPILL
     total = spill.stat().st_size // itemsize if spill.exists() else 0

@@ -33,19 +33,21 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
 
     b = sub.add_parser("build", help="tokenize a corpus into checksummed shards (parallel, resumable)")
-    b.add_argument("--input", nargs="+", default=[], metavar="PATH", help="files, dirs, globs, hf: sources (default: embedded corpus)")
-    b.add_argument("--tokenizer", required=True, help="tokenizer dir from train-tokenizer")
-    b.add_argument("--out", required=True, help="shard directory (manifest.json is written last)")
+    _build_options(b)
     b.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (output is identical for any value)")
-    b.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file")
-    b.add_argument("--val-docs", type=int, default=0, help="documents held out as the validation split")
-    b.add_argument("--val-every", type=int, default=100, help="hold out every N-th document until --val-docs")
-    b.add_argument("--seq-len", type=int, default=None, help="check that each split fills at least one window")
-    b.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
-    b.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this")
-    b.add_argument("--text-field", default="text")
-    b.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto")
     b.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
+
+    pl = sub.add_parser("plan", help="split a build into N parts for a job array (then build-part, merge)")
+    _build_options(pl)
+    pl.add_argument("--parts", type=int, required=True, help="number of parts (array tasks)")
+
+    bp = sub.add_parser("build-part", help="build one part of a planned build (resumable; any machine)")
+    bp.add_argument("out", help="the --out of `plan`")
+    bp.add_argument("--part", type=int, required=True, help="part index, 0 to parts - 1")
+    bp.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
+
+    mg = sub.add_parser("merge", help="write the manifest of a planned build once every part is complete")
+    mg.add_argument("out", help="the --out of `plan`")
 
     i = sub.add_parser("inspect", help="totals, tokenizer and a decoded sample of a shard dir")
     i.add_argument("shards")
@@ -54,12 +56,34 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _build_options(b: argparse.ArgumentParser) -> None:
+    b.add_argument("--input", nargs="+", default=[], metavar="PATH", help="files, dirs, globs, hf: sources (default: embedded corpus)")
+    b.add_argument("--tokenizer", required=True, help="tokenizer dir from train-tokenizer")
+    b.add_argument("--out", required=True, help="shard directory (manifest.json is written last)")
+    b.add_argument("--shard-tokens", type=int, default=1 << 24, help="tokens per shard file")
+    b.add_argument("--val-docs", type=int, default=0, help="documents held out as the validation split")
+    b.add_argument("--val-every", type=int, default=100, help="hold out every N-th document until --val-docs")
+    b.add_argument("--seq-len", type=int, default=None, help="check that each split fills at least one window")
+    b.add_argument("--dedup", action="store_true", help="drop exact duplicate documents")
+    b.add_argument("--min-chars", type=int, default=0, help="drop documents shorter than this")
+    b.add_argument("--text-field", default="text")
+    b.add_argument("--dtype", choices=["auto", "uint16", "uint32"], default="auto")
+
+
+def build_settings(args: argparse.Namespace) -> dict:
+    """The keyword arguments of a build (``build_shards`` / ``plan_build``) from parsed build options."""
+    return dict(shard_tokens=args.shard_tokens, val_docs=args.val_docs, val_every=args.val_every, dedup=args.dedup,
+                min_chars=args.min_chars, text_field=args.text_field, seq_len=args.seq_len, dtype=args.dtype)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "train-tokenizer":
         return _train_tokenizer(args)
     if args.command == "build":
         return _build(args)
+    if args.command in ("plan", "build-part", "merge"):
+        return _array_step(args)
     return _inspect(args)
 
 
@@ -92,33 +116,45 @@ def _build(args) -> int:
     from data_pipeline.build import build_shards
 
     t0 = time.time()
-    m = build_shards(
-        args.input,
-        args.tokenizer,
-        args.out,
-        workers=args.workers,
-        shard_tokens=args.shard_tokens,
-        val_docs=args.val_docs,
-        val_every=args.val_every,
-        dedup=args.dedup,
-        min_chars=args.min_chars,
-        text_field=args.text_field,
-        seq_len=args.seq_len,
-        dtype=args.dtype,
-        progress=False if args.no_progress else None,
-    )
+    m = build_shards(args.input, args.tokenizer, args.out, workers=args.workers, **build_settings(args),
+                     progress=False if args.no_progress else None)
+    _summary(m, args.out, time.time() - t0)
+    return 0
+
+
+def _array_step(args) -> int:
+    from data_pipeline import array
+
+    t0 = time.time()
+    if args.command == "plan":
+        plan = array.plan_build(args.input, args.tokenizer, args.out, args.parts, **build_settings(args))
+        for i, (specs, size) in enumerate(zip(plan["parts"], plan["bytes"])):
+            print(f"part {i}: {len(specs)} input(s), {size / 2**20:,.1f} MiB  {specs[0]}{' ...' if len(specs) > 1 else ''}")
+        n = len(plan["parts"])
+        print(f"plan: {n} part(s) → {args.out}; next: python -m data_pipeline build-part {args.out} --part I "
+              f"(I = 0..{n - 1}, anywhere), then python -m data_pipeline merge {args.out}")
+        return 0
+    if args.command == "build-part":
+        m = array.build_part(args.out, args.part, workers=args.workers)
+        tr = m["splits"]["train"]
+        print(f"part {args.part}: {len(tr['shards'])} shard(s), {tr['tokens']:,} tokens, {tr['documents']:,} docs "
+              f"→ {array.part_dir(args.out, args.part)} [{time.time() - t0:.1f}s]")
+        return 0
+    _summary(array.merge(args.out), args.out, time.time() - t0)
+    return 0
+
+
+def _summary(m: dict, out: str, dt: float) -> None:
     tr, va = m["splits"]["train"], m["splits"]["val"]
-    dt = time.time() - t0
     print0(
         f"shards: {len(tr['shards'])} train ({tr['tokens']:,} tokens, {tr['documents']:,} docs), "
-        f"{len(va['shards'])} val ({va['tokens']:,} tokens) → {args.out} "
+        f"{len(va['shards'])} val ({va['tokens']:,} tokens) → {out} "
         f"[{m['dtype']}, {dt:.1f}s, {tr['tokens'] / max(dt, 1e-9):,.0f} tokens/s]"
     )
     st = m["stats"]
     skipped = {k: st[k] for k in ("empty_skipped", "short_skipped", "invalid_utf8_docs", "duplicate_documents") if st.get(k)}
     if skipped:
         print0("  " + ", ".join(f"{k}={v}" for k, v in skipped.items()))
-    return 0
 
 
 def _inspect(args) -> int:

@@ -39,17 +39,38 @@ KINDS = ("text", "jsonl", "json", "parquet", "hf_dataset")  # Source.kind
 _BATCH_ROWS = 1024  # Parquet / Arrow rows per batch: small enough to keep memory flat
 _JSON_CHUNK = 1 << 20  # characters read at a time from a JSON array
 _GLOB_CHARS = re.compile(r"[*?\[]")
+_RANGE = re.compile(r"(?P<path>.+)#(?P<unit>bytes|row_groups)=(?P<start>\d+)-(?P<stop>\d+)")
 _WS = re.compile(r"\s*")
 
 
 @dataclass(frozen=True)
 class Source:
-    """One readable input. ``split`` only applies to ``hf_dataset`` sources."""
+    """One readable input. ``split`` only applies to ``hf_dataset`` sources.
+
+    ``start``/``stop`` select part of a large file (a job-array build splits one file over tasks):
+    for uncompressed JSON lines the records whose first byte lies in ``[start, stop)`` (any offsets
+    work: ranges that tile the file read every record exactly once), for Parquet the row groups
+    ``[start, stop)``. Written as an input spec: ``PATH#bytes=START-STOP`` / ``PATH#row_groups=START-STOP``.
+    """
 
     path: str
     kind: str
     compression: str | None = None
     split: str | None = None
+    start: int | None = None
+    stop: int | None = None
+
+    @property
+    def spec(self) -> str:
+        """The input spec that expands to exactly this source."""
+        if self.kind == "hf_dataset":
+            saved = _saved_kind(Path(self.path))
+            return self.path + (f":{self.split}" if self.split else "") if saved else \
+                f"hf:{self.path}" + (f":{self.split}" if self.split else "")
+        if self.start is None:
+            return self.path
+        unit = "row_groups" if self.kind == "parquet" else "bytes"
+        return f"{self.path}#{unit}={self.start}-{self.stop}"
 
 
 @dataclass
@@ -93,6 +114,8 @@ def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Source]:
 def _expand_one(spec: str) -> list[Source]:
     if spec.startswith("hf:"):
         return [_hf_source(spec)]
+    if (m := _RANGE.fullmatch(spec)) and Path(m["path"]).is_file():
+        return [_range_source(spec, m)]
     p = Path(spec)
     if p.is_dir():
         return _expand_dir(p)
@@ -120,6 +143,18 @@ def _file_source(p: Path, explicit: bool) -> Source | None:
     if kind == "parquet" and compression:
         raise DataError(f"{p}: compressed Parquet is not supported (Parquet compresses internally); decompress it")
     return Source(str(p), kind, compression) if kind else None
+
+
+def _range_source(spec: str, m: re.Match[str]) -> Source:
+    src = _file_source(Path(m["path"]), explicit=True)
+    start, stop = int(m["start"]), int(m["stop"])
+    want = "parquet" if m["unit"] == "row_groups" else "jsonl"
+    if src.kind != want or src.compression:
+        raise DataError(f"{spec}: #{m['unit']}= ranges apply to {'Parquet' if want == 'parquet' else 'uncompressed JSON lines'} "
+                        "files only (a compressed file is read whole); drop the range")
+    if start > stop:
+        raise DataError(f"{spec}: range start {start} is after its stop {stop}")
+    return Source(src.path, src.kind, None, None, start, stop)
 
 
 def _expand_dir(root: Path) -> list[Source]:
@@ -274,11 +309,34 @@ def _read_text(src: Source, field: str, stats: SourceStats) -> Iterator[tuple[st
 
 def _read_jsonl(src: Source, field: str, stats: SourceStats) -> Iterator[tuple[str | None, bool]]:
     with _open(src) as f:
-        yield from _jsonl_lines(f, src.path, field, stats)
+        if src.start is None:
+            yield from _jsonl_lines(f, src.path, field, stats)
+        else:
+            yield from _jsonl_lines(_lines_starting_in(f, src.start, src.stop), src.path, field, stats, src.start)
 
 
-def _jsonl_lines(f: Iterable[bytes], path: str, field: str, stats: SourceStats):
+def _lines_starting_in(f: IO[bytes], start: int, stop: int) -> Iterator[bytes]:
+    """The lines of ``f`` whose first byte lies in ``[start, stop)``: the line that straddles ``start``
+    belongs to the range before (the one it starts in)."""
+    pos = start
+    if start > 0:
+        f.seek(start - 1)
+        if f.read(1) != b"\n":
+            pos += len(f.readline())  # the rest of a line that began before start
+    while pos < stop:
+        line = f.readline()
+        if not line:
+            return
+        yield line
+        pos += len(line)
+
+
+def _jsonl_lines(f: Iterable[bytes], path: str, field: str, stats: SourceStats, offset: int | None = None):
+    """Records of JSON lines; errors name the line (``offset``: a byte range's lines are named by byte offset)."""
     for lineno, raw in enumerate(f, 1):
+        where = f"{path}:{lineno}" if offset is None else f"{path} (line at byte {offset})"
+        if offset is not None:
+            offset += len(raw)
         stats.bytes_read += len(raw)
         if not raw.strip():
             continue
@@ -286,8 +344,8 @@ def _jsonl_lines(f: Iterable[bytes], path: str, field: str, stats: SourceStats):
         try:
             obj = json.loads(line)
         except json.JSONDecodeError as e:
-            raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix or remove the line") from e
-        text = _field(obj, field, f"{path}:{lineno}")
+            raise DataError(f"{where}: malformed JSON ({e.msg} at column {e.colno}); fix or remove the line") from e
+        text = _field(obj, field, where)
         # the bad bytes may sit in another field; only count documents that show a replacement
         yield text, replaced and text is not None and "\ufffd" in text
 
@@ -404,7 +462,16 @@ def _read_parquet(src: Source, field: str, stats: SourceStats) -> Iterator[tuple
 
     with pq.ParquetFile(src.path) as pf:
         _check_column(src.path, field, pf.schema_arrow.names)
-        yield from _arrow_rows(pf.iter_batches(batch_size=_BATCH_ROWS, columns=[field]), src.path, field, stats)
+        groups = None
+        if src.start is not None:
+            n = pf.metadata.num_row_groups
+            if src.stop > n:
+                raise DataError(f"{src.spec}: the file has {n} row groups; the range must end at or before {n}")
+            groups = range(src.start, src.stop)
+            if not groups:
+                return
+        batches = pf.iter_batches(batch_size=_BATCH_ROWS, columns=[field], row_groups=groups)
+        yield from _arrow_rows(batches, src.path, field, stats)
 
 
 def _read_hf(src: Source, field: str, stats: SourceStats) -> Iterator[tuple[str | None, bool]]:

@@ -1,0 +1,363 @@
+"""A build split into parts that run anywhere (SLURM array tasks, or by hand), then merged.
+
+The merged shard directory holds the same token stream (every shard of a split, in manifest order)
+as ``python -m data_pipeline build`` of the same inputs and settings on one machine; only the shard
+boundaries differ. Three steps, each its own command:
+
+1. **plan** (``python -m data_pipeline plan``): the inputs, in the one-machine build's order, are cut
+   into N contiguous parts of about equal size — by file, and inside a large uncompressed JSON-lines
+   file by byte range (records are assigned by the byte they start at), inside a large Parquet file by
+   row group. A compressed file or a saved dataset is never split. ``plan.json`` and a copy of the
+   tokenizer are written; the plan is a pure function of the inputs and settings, so planning again
+   (to rerun failed parts) finds the same one, and a changed input is refused.
+2. **build-part** (``python -m data_pipeline build-part OUT --part I``): an ordinary resumable build
+   of part I into ``parts/IIIII/`` with no validation hold-out: it survives ``kill -9`` and a rerun
+   continues it, and it is complete exactly when its ``manifest.json`` exists.
+3. **merge** (``python -m data_pipeline merge OUT``): refuses while a part is incomplete (naming it),
+   then writes ``manifest.json``, listing the parts' shards in place (``parts/IIIII/train_NNNNN.bin``).
+   The validation hold-out (every ``val_every``-th kept document, up to ``val_docs``) depends on the
+   documents of every part before, so only the merge can apply it: the first parts, which hold those
+   documents, are re-cut into ``head/`` shards and the validation shards; the rest are not touched.
+
+``--dedup`` is refused: dropping a duplicate needs every document before it (run it on one machine).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import shutil
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from data_pipeline import build, sources
+from data_pipeline.shards import (
+    DTYPES,
+    FORMAT,
+    FORMAT_VERSION,
+    MANIFEST,
+    Manifest,
+    dtype_for_vocab,
+    manifest_fingerprint,
+)
+from data_pipeline.tokenizer import Tokenizer
+from lmforge.errors import DataError
+from lmforge.io import atomic_write_bytes, atomic_write_text, fsync_dir
+
+PLAN = "plan.json"
+PARTS = "parts"
+HEAD = "head"
+TOKENIZER = "tokenizer"
+
+
+# ---------------------------------------------------------------- 1. plan
+def split_inputs(inputs: Sequence[str], parts: int) -> tuple[list[list[str]], list[int]]:
+    """The inputs as at most ``parts`` contiguous lists of input specs of about equal bytes, and their bytes."""
+    if parts < 1:
+        raise DataError(f"--parts {parts}: must be positive")
+    pieces: list[tuple[str, int]] = []
+    srcs = sources.expand_inputs(inputs)
+    target = max(1, sum(_size(s) for s in srcs) // parts)
+    for src in srcs:
+        pieces += _pieces(src, target)
+    total = sum(w for _, w in pieces) or 1
+    out: list[list[str]] = [[]]
+    weights = [0]
+    done = 0
+    for spec, w in pieces:
+        # a new part starts once this one reached its share of the total
+        if out[-1] and len(out) < parts and done >= total * len(out) / parts:
+            out.append([])
+            weights.append(0)
+        out[-1].append(spec)
+        weights[-1] += w
+        done += w
+    return out, weights
+
+
+def _size(src: sources.Source) -> int:
+    if src.kind == "hf_dataset":
+        p = Path(src.path)
+        if p.is_dir():
+            return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) or 1
+        return 1
+    return max(1, os.path.getsize(src.path))
+
+
+def _pieces(src: sources.Source, target: int) -> list[tuple[str, int]]:
+    """One source as (spec, bytes) pieces of about ``target`` bytes where its format can be split."""
+    size = _size(src)
+    if size <= target or src.compression:
+        return [(src.spec, size)]
+    if src.kind == "jsonl":
+        k = math.ceil(size / target)
+        cuts = [size * i // k for i in range(k + 1)]
+        return [(f"{src.path}#bytes={a}-{b}", b - a) for a, b in zip(cuts[:-1], cuts[1:])]
+    if src.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(src.path).metadata
+        sizes = [max(1, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
+        out, start, acc = [], 0, 0
+        for i, s in enumerate(sizes):
+            acc += s
+            if acc >= target or i == len(sizes) - 1:
+                out.append((f"{src.path}#row_groups={start}-{i + 1}", acc))
+                start, acc = i + 1, 0
+        return out or [(src.spec, size)]
+    return [(src.spec, size)]
+
+
+def plan_build(
+    inputs: Sequence[str],
+    tokenizer: str | Path,
+    out: str | Path,
+    parts: int,
+    shard_tokens: int = 1 << 24,
+    val_docs: int = 0,
+    val_every: int = 100,
+    dedup: bool = False,
+    min_chars: int = 0,
+    text_field: str = "text",
+    seq_len: int | None = None,
+    dtype: str = "auto",
+    write: bool = True,
+) -> dict[str, Any]:
+    """The plan of a job-array build (written to ``OUT/plan.json`` with the tokenizer unless ``write`` is
+    False); an existing plan must be this one."""
+    if dedup:
+        raise DataError("--dedup cannot run as a job array: dropping a duplicate needs every document before it "
+                        "on one machine; build without --dedup (or dedup the corpus first)")
+    if shard_tokens < 1:
+        raise DataError(f"--shard-tokens {shard_tokens}: must be positive")
+    tok = Tokenizer.load(tokenizer)
+    out = Path(out)
+    inputs = list(inputs) or sources.default_corpus_paths()
+    settings = build.BuildSettings(
+        inputs=[str(i) for i in inputs], tokenizer_sha256=tok.fingerprint, dtype=dtype_for_vocab(tok.vocab_size, dtype),
+        shard_tokens=int(shard_tokens), val_docs=int(val_docs), val_every=max(1, int(val_every)), dedup=False,
+        min_chars=int(min_chars), text_field=text_field, seq_len=seq_len,
+    )
+    specs, weights = split_inputs(inputs, parts)
+    plan = {"format": "lmforge-build-plan", "settings": asdict(settings), "parts": specs, "bytes": weights}
+    plan = json.loads(json.dumps(plan))
+    if not write:
+        return plan
+    if (out / MANIFEST).is_file():
+        build.finished_build(out, settings)  # the same build, already done: fine; another one: refused
+        return plan
+    if (out / PLAN).is_file():
+        old = json.loads((out / PLAN).read_text())
+        if old != plan:
+            what = "settings" if old.get("settings") != plan["settings"] else "split of the inputs (did an input change?)"
+            raise DataError(f"{out / PLAN} is the plan of another build (its {what} differs); rerun with the "
+                            "arguments that made it, or choose another --out")
+        return plan
+    out.mkdir(parents=True, exist_ok=True)
+    tok.save(out / TOKENIZER)  # every part and the merge read this copy: the user's may move
+    atomic_write_text(out / PLAN, json.dumps(plan, indent=1))
+    return plan
+
+
+def load_plan(out: str | Path) -> dict[str, Any]:
+    path = Path(out) / PLAN
+    if not path.is_file():
+        raise DataError(f"{path} does not exist: plan the build first (python -m data_pipeline plan ... --out {out})")
+    return json.loads(path.read_text())
+
+
+def part_dir(out: str | Path, index: int) -> Path:
+    return Path(out) / PARTS / f"{index:05d}"
+
+
+def part_states(out: str | Path, plan: dict[str, Any]) -> list[str]:
+    """Per part: ``complete`` (its manifest exists), ``partial`` (started, e.g. killed) or ``missing``."""
+    states = []
+    for i in range(len(plan["parts"])):
+        d = part_dir(out, i)
+        states.append("complete" if (d / MANIFEST).is_file() else "partial" if d.is_dir() else "missing")
+    return states
+
+
+# ---------------------------------------------------------------- 2. one part
+def build_part(out: str | Path, index: int, workers: int = 1,
+               on_shard: Callable[[Path, int], None] | None = None) -> dict[str, Any]:
+    """Build (or resume, or find complete) part ``index`` of the plan in ``OUT``."""
+    out = Path(out)
+    plan = load_plan(out)
+    n = len(plan["parts"])
+    if not 0 <= index < n:
+        raise DataError(f"--part {index}: the plan in {out / PLAN} has parts 0 to {n - 1}")
+    s = plan["settings"]
+    tok_dir = out / TOKENIZER
+    if Tokenizer.load(tok_dir).fingerprint != s["tokenizer_sha256"]:
+        raise DataError(f"{tok_dir} is not the tokenizer {out / PLAN} was made with; restore it or plan again "
+                        "into a new --out")
+    return build.build_shards(
+        plan["parts"][index], tok_dir, part_dir(out, index), workers=workers, shard_tokens=s["shard_tokens"],
+        val_docs=0, min_chars=s["min_chars"], text_field=s["text_field"], dtype=s["dtype"], progress=False,
+        on_shard=on_shard, allow_empty=True,
+    )
+
+
+# ---------------------------------------------------------------- 3. merge
+def merge(out: str | Path, rerun_hint: str | None = None) -> dict[str, Any]:
+    """Write ``OUT/manifest.json`` from the complete parts; refuses (naming them) while any is not."""
+    out = Path(out)
+    plan = load_plan(out)
+    s = build.BuildSettings(**plan["settings"])
+    final = build.finished_build(out, s)
+    if final is not None:
+        return final
+    states = part_states(out, plan)
+    bad = [i for i, st in enumerate(states) if st != "complete"]
+    if bad:
+        shown = ", ".join(f"{i} ({states[i]})" for i in bad[:10]) + (f" and {len(bad) - 10} more" if len(bad) > 10 else "")
+        hint = rerun_hint or f"python -m data_pipeline build-part {out} --part N"
+        raise DataError(f"{out}: {len(bad)} of {len(states)} parts are not complete: {shown}; run them again "
+                        f"({hint}), then merge")
+    tok = Tokenizer.load(out / TOKENIZER)
+    if tok.fingerprint != s.tokenizer_sha256:
+        raise DataError(f"{out / TOKENIZER} is not the tokenizer {out / PLAN} was made with; restore it or rebuild")
+    manifests = []
+    for i, specs in enumerate(plan["parts"]):
+        m = Manifest(part_dir(out, i))
+        expect = {"inputs": specs, "tokenizer_sha256": s.tokenizer_sha256, "dtype": s.dtype,
+                  "shard_tokens": s.shard_tokens, "min_chars": s.min_chars, "text_field": s.text_field}
+        got = m.data.get("build", {})
+        if any(got.get(k) != v for k, v in expect.items()):
+            raise DataError(f"{m.root} was built with other inputs or settings than part {i} of {out / PLAN}; "
+                            f"delete {m.root} and run the part again")
+        m.check_sizes("train")
+        manifests.append(m)
+
+    for f in [out / HEAD, out / build.VAL_SPILL, *out.glob("val_*.bin")]:  # an interrupted merge's leftovers
+        shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
+    head_end = s.val_docs * s.val_every  # every validation document is among the first head_end kept ones
+    train, kept = [], 0
+    head = _HeadWriter(out, s, tok.eos_id)
+    try:
+        for i, m in enumerate(manifests):
+            n_kept = int(m.data["stats"]["kept_documents"])
+            if kept < head_end:
+                head.resplit(m, kept)
+            else:
+                train += [dict(sh, file=f"{PARTS}/{i:05d}/{sh['file']}") for sh in m.data["splits"]["train"]["shards"]]
+            kept += n_kept
+        head.close()
+    except BaseException:
+        head.abort()
+        raise
+    train = head.shards + train
+    val = build.split_spill(out, s, tok.eos_id, DTYPES[s.dtype].itemsize)
+
+    stats: dict[str, int] = {}
+    for m in manifests:
+        for k, v in m.data["stats"].items():
+            stats[k] = stats.get(k, 0) + int(v)
+    stats["files"] = len({spec.split("#", 1)[0] for part in plan["parts"] for spec in part})
+    if not sum(x["tokens"] for x in train):
+        raise DataError(f"no training tokens: every document of {', '.join(s.inputs)} was empty, filtered or held out "
+                        f"({stats.get('empty_skipped', 0)} empty, {stats.get('short_skipped', 0)} short)")
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "dtype": s.dtype,
+        "tokenizer": {"sha256": tok.fingerprint, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
+                      "bos_id": tok.bos_id, "pad_id": tok.pad_id},
+        "splits": {"train": build.split_summary(train), "val": build.split_summary(val)},
+        "stats": stats,
+        "build": json.loads(json.dumps(asdict(s))),
+        "array": {"parts": len(manifests), "head_parts": head.parts},
+        "seconds": round(sum(float(m.data.get("seconds", 0)) for m in manifests), 3),
+    }
+    manifest["fingerprint"] = manifest_fingerprint(manifest)
+    if s.seq_len is not None:
+        for split in ("train", "val"):
+            n = manifest["splits"][split]["tokens"]
+            if n and n < s.seq_len + 1:
+                raise DataError(f"--seq-len {s.seq_len} is longer than the data: the {split} split has {n} tokens "
+                                f"(needs at least {s.seq_len + 1}); use a shorter --seq-len or more data")
+    fsync_dir(out)
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    (out / build.VAL_SPILL).unlink(missing_ok=True)
+    fsync_dir(out)
+    return manifest
+
+
+class _HeadWriter:
+    """Re-cuts the first parts: validation documents to the spill file, the rest into ``head/`` shards."""
+
+    def __init__(self, out: Path, s: build.BuildSettings, eos_id: int):
+        self.out, self.s, self.eos = out, s, eos_id
+        self.dtype = DTYPES[s.dtype]
+        self.buf = np.empty(s.shard_tokens, dtype=self.dtype)
+        self.fill = 0
+        self.shards: list[dict[str, Any]] = []
+        self.parts = 0
+        (out / HEAD).mkdir(parents=True, exist_ok=True)
+        self.val = open(out / build.VAL_SPILL, "wb")
+
+    def _is_val(self, k: np.ndarray) -> np.ndarray:
+        e = self.s.val_every
+        return (k % e == e - 1) & (k // e < self.s.val_docs)
+
+    def resplit(self, m: Manifest, first_kept: int) -> None:
+        """Route part ``m``'s documents (global kept indices from ``first_kept``) to val or head shards."""
+        self.parts += 1
+        k = first_kept
+        carry = np.empty(0, dtype=self.dtype)
+        for sh in m.shards("train"):
+            data = np.fromfile(sh.path, dtype=self.dtype)
+            buf = np.concatenate([carry, data]) if len(carry) else data
+            ends = np.flatnonzero(buf == self.eos) + 1  # every document ends with EOS
+            starts = np.concatenate([[0], ends[:-1]])
+            pos = 0
+            for j in np.flatnonzero(self._is_val(k + np.arange(len(ends)))):
+                self._train(buf[pos : starts[j]])
+                self.val.write(buf[starts[j] : ends[j]].tobytes())
+                pos = ends[j]
+            done = ends[-1] if len(ends) else 0
+            self._train(buf[pos:done])
+            carry = buf[done:].copy()
+            k += len(ends)
+        if len(carry):
+            raise DataError(f"{m.root}: its last document has no end-of-document token; delete {m.root} and run "
+                            "the part again")
+
+    def _train(self, tokens: np.ndarray) -> None:
+        pos = 0
+        while pos < len(tokens):
+            n = min(len(tokens) - pos, len(self.buf) - self.fill)
+            self.buf[self.fill : self.fill + n] = tokens[pos : pos + n]
+            self.fill += n
+            pos += n
+            if self.fill == len(self.buf):
+                self._flush()
+
+    def _flush(self) -> None:
+        if not self.fill:
+            return
+        name = f"{HEAD}/train_{len(self.shards):05d}.bin"
+        data = self.buf[: self.fill]
+        atomic_write_bytes(self.out / name, memoryview(data), sync_dir=False)
+        self.shards.append({"file": name, "tokens": int(self.fill),
+                            "documents": int(np.count_nonzero(data == self.eos)),
+                            "sha256": hashlib.sha256(memoryview(data)).hexdigest()})
+        self.fill = 0
+
+    def close(self) -> None:
+        self._flush()
+        self.val.flush()
+        os.fsync(self.val.fileno())
+        self.val.close()
+        fsync_dir(self.out / HEAD)
+
+    def abort(self) -> None:
+        self.val.close()
