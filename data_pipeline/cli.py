@@ -33,12 +33,12 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
 
     b = sub.add_parser("build", help="tokenize a corpus into checksummed shards (parallel, resumable)")
-    _build_options(b)
+    add_build_options(b)
     b.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes (output is identical for any value)")
     b.add_argument("--no-progress", action="store_true", help="no progress bar even on a terminal")
 
     pl = sub.add_parser("plan", help="split a build into N parts for a job array (then build-part, merge)")
-    _build_options(pl)
+    add_build_options(pl)
     pl.add_argument("--parts", type=int, required=True, help="number of parts (array tasks)")
 
     bp = sub.add_parser("build-part", help="build one part of a planned build (resumable; any machine)")
@@ -56,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _build_options(b: argparse.ArgumentParser) -> None:
+def add_build_options(b: argparse.ArgumentParser) -> None:
     b.add_argument("--input", nargs="+", default=[], metavar="PATH", help="files, dirs, globs, hf: sources (default: embedded corpus)")
     b.add_argument("--tokenizer", required=True, help="tokenizer dir from train-tokenizer")
     b.add_argument("--out", required=True, help="shard directory (manifest.json is written last)")

@@ -81,8 +81,13 @@ def split_argv(argv: Sequence[str]) -> tuple[str, list[str], list[str], dict[str
         raise SystemExit(0 if argv else 2)
     stage, rest = argv[0], argv[1:]
     if stage not in STAGES:
-        raise ConfigError(f"unknown stage '{stage}': usage: {USAGE}")
-    ours = {a.option_strings[0]: a.nargs != 0 for a in parser()._actions if a.option_strings}
+        raise ConfigError(f"unknown stage '{stage}': usage: {USAGE} (or python -m slurm.submit build ...)")
+    return (stage, *split_options(rest, parser()))
+
+
+def split_options(rest: Sequence[str], p: argparse.ArgumentParser) -> tuple[list[str], list[str], dict[str, str | bool]]:
+    """→ (the options ``p`` knows, the stage's own args, extra sbatch options from --slurm.KEY=VALUE)."""
+    ours = {a.option_strings[0]: a.nargs != 0 for a in p._actions if a.option_strings}
     submit, train, extra = [], [], {}
     i = 0
     while i < len(rest):
@@ -101,12 +106,12 @@ def split_argv(argv: Sequence[str]) -> tuple[str, list[str], list[str], dict[str
                 submit.append(rest[i + 1])
                 i += 1
         elif name in ("-h", "--help"):
-            parser().print_help()
+            p.print_help()
             raise SystemExit(0)
         else:
             train.append(a)
         i += 1
-    return stage, submit, train, extra
+    return submit, train, extra
 
 
 def parse_time(s: str) -> int:
@@ -224,7 +229,12 @@ def sbatch_text(ex) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    stage, submit_args, train_args, extra = split_argv(sys.argv[1:] if argv is None else argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["build"]:  # the data build as a job array: its own options (slurm/build_array.py)
+        from slurm import build_array
+
+        return build_array.main(argv[1:])
+    stage, submit_args, train_args, extra = split_argv(argv)
     args = parser().parse_args(submit_args)
     check_args(args)
     cfg = stage_config(stage, train_args)

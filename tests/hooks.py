@@ -243,3 +243,19 @@ def slow_save() -> SlowSave:
     spec = os.environ.get("LMFORGE_TEST_SLOW_SAVE", "")
     delays = {k.strip(): float(v) for k, _, v in (p.partition(":") for p in spec.split(",") if p.strip())}
     return SlowSave(delays, os.environ.get("LMFORGE_TEST_TIMELINE"))
+
+
+def kill_part(part: int):
+    """Build hook (``LMFORGE_BUILD_HOOK=hooks:kill_part``): with ``LMFORGE_TEST_KILL_PART=PART@N``, the task
+    building part PART SIGKILLs itself once its N-th shard is recorded (a node lost mid-part)."""
+    import signal
+
+    target, _, after = os.environ.get("LMFORGE_TEST_KILL_PART", "-1@0").partition("@")
+    if part != int(target):
+        return None
+
+    def on_shard(out, n: int) -> None:
+        if n >= int(after):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return on_shard
