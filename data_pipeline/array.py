@@ -24,7 +24,6 @@ boundaries differ. Three steps, each its own command:
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -48,7 +47,7 @@ from data_pipeline.shards import (
 )
 from data_pipeline.tokenizer import Tokenizer
 from lmforge.errors import DataError
-from lmforge.io import atomic_write_bytes, atomic_write_text, fsync_dir
+from lmforge.io import atomic_write_text, fsync_dir
 
 PLAN = "plan.json"
 PARTS = "parts"
@@ -297,8 +296,7 @@ class _HeadWriter:
     def __init__(self, out: Path, s: build.BuildSettings, eos_id: int):
         self.out, self.s, self.eos = out, s, eos_id
         self.dtype = DTYPES[s.dtype]
-        self.buf = np.empty(s.shard_tokens, dtype=self.dtype)
-        self.fill = 0
+        self.shard: build.ShardFile | None = None
         self.shards: list[dict[str, Any]] = []
         self.parts = 0
         (out / HEAD).mkdir(parents=True, exist_ok=True)
@@ -334,23 +332,19 @@ class _HeadWriter:
     def _train(self, tokens: np.ndarray) -> None:
         pos = 0
         while pos < len(tokens):
-            n = min(len(tokens) - pos, len(self.buf) - self.fill)
-            self.buf[self.fill : self.fill + n] = tokens[pos : pos + n]
-            self.fill += n
+            if self.shard is None:
+                name = f"train_{len(self.shards):05d}.bin"
+                self.shard = build.ShardFile(self.out / HEAD, name, self.s.shard_tokens, self.eos)
+            n = min(len(tokens) - pos, self.shard.room)
+            self.shard.write(tokens[pos : pos + n])
             pos += n
-            if self.fill == len(self.buf):
+            if not self.shard.room:
                 self._flush()
 
     def _flush(self) -> None:
-        if not self.fill:
-            return
-        name = f"{HEAD}/train_{len(self.shards):05d}.bin"
-        data = self.buf[: self.fill]
-        atomic_write_bytes(self.out / name, memoryview(data), sync_dir=False)
-        self.shards.append({"file": name, "tokens": int(self.fill),
-                            "documents": int(np.count_nonzero(data == self.eos)),
-                            "sha256": hashlib.sha256(memoryview(data)).hexdigest()})
-        self.fill = 0
+        if self.shard is not None:
+            self.shards.append(dict(self.shard.finish(), file=f"{HEAD}/{self.shard.path.name}"))
+            self.shard = None
 
     def close(self) -> None:
         self._flush()
@@ -360,4 +354,6 @@ class _HeadWriter:
         fsync_dir(self.out / HEAD)
 
     def abort(self) -> None:
+        if self.shard is not None:
+            self.shard.abort()
         self.val.close()

@@ -38,7 +38,7 @@ from data_pipeline.shards import (
 )
 from data_pipeline.tokenizer import Tokenizer
 from lmforge.errors import DataError
-from lmforge.io import atomic_write_bytes, atomic_write_text, fsync_dir
+from lmforge.io import atomic_write_text, fsync_dir
 from lmforge.log import progress_enabled
 
 PROGRESS = "progress.json"
@@ -117,14 +117,47 @@ def _ordered_map(batches: Iterator[list[str]], workers: int, tokenizer_path: str
             yield texts, res.get()
 
 
+class ShardFile:
+    """One shard file written as its tokens arrive (to ``NAME.tmp``: fsynced and renamed by :meth:`finish`),
+    hashed on the way: memory does not grow with the shard size."""
+
+    def __init__(self, out: Path, name: str, capacity: int, eos_id: int):
+        self.path, self.capacity, self.eos_id = out / name, capacity, eos_id
+        self.tmp = self.path.with_name(self.path.name + ".tmp")
+        self.f = open(self.tmp, "wb", buffering=1 << 20)
+        self.sha = hashlib.sha256()
+        self.fill = self.documents = 0
+
+    @property
+    def room(self) -> int:
+        return self.capacity - self.fill
+
+    def write(self, tokens: np.ndarray) -> None:
+        data = memoryview(np.ascontiguousarray(tokens)).cast("B")
+        self.f.write(data)
+        self.sha.update(data)
+        self.fill += len(tokens)
+        self.documents += int(np.count_nonzero(tokens == self.eos_id))
+
+    def finish(self) -> dict[str, Any]:
+        """Durable under its final name (the caller syncs the directory); the manifest entry."""
+        self.f.flush()
+        os.fsync(self.f.fileno())
+        self.f.close()
+        os.replace(self.tmp, self.path)
+        return {"file": self.path.name, "tokens": self.fill, "documents": self.documents, "sha256": self.sha.hexdigest()}
+
+    def abort(self) -> None:
+        self.f.close()
+        self.tmp.unlink(missing_ok=True)
+
+
 class _Writer:
-    """Accumulates train tokens into fixed-size shards and val tokens into the spill file."""
+    """Streams train tokens into fixed-size shards and val tokens into the spill file."""
 
     def __init__(self, out: Path, settings: BuildSettings, eos_id: int, progress: _Progress, on_shard=None):
         self.out, self.s, self.eos_id, self.p, self.on_shard = out, settings, eos_id, progress, on_shard
-        self.dtype = DTYPES[settings.dtype]
-        self.buf = np.empty(settings.shard_tokens, dtype=self.dtype)
-        self.fill = 0
+        self.shard: ShardFile | None = None
         self.val = open(out / VAL_SPILL, "ab")
 
     def add_val(self, tokens: np.ndarray) -> None:
@@ -136,31 +169,22 @@ class _Writer:
         """Append one document (with EOS); a full shard is flushed mid-document when needed."""
         pos = 0
         while pos < len(tokens):
-            n = min(len(tokens) - pos, len(self.buf) - self.fill)
-            self.buf[self.fill : self.fill + n] = tokens[pos : pos + n]
-            self.fill += n
+            if self.shard is None:
+                name = f"train_{len(self.p.train_shards):05d}.bin"
+                self.shard = ShardFile(self.out, name, self.s.shard_tokens, self.eos_id)
+            n = min(len(tokens) - pos, self.shard.room)
+            self.shard.write(tokens[pos : pos + n])
             pos += n
-            if self.fill == len(self.buf):
+            if not self.shard.room:
                 # The stream position after this shard: inside document `doc_index` unless it ended.
                 done = pos == len(tokens)
                 self.flush(next_doc=doc_index + 1 if done else doc_index, skip=0 if done else pos)
 
     def flush(self, next_doc: int, skip: int) -> None:
-        if self.fill == 0:
+        if self.shard is None:
             return
-        idx = len(self.p.train_shards)
-        name = f"train_{idx:05d}.bin"
-        data = memoryview(self.buf[: self.fill])  # no copies of a shard-sized buffer
-        atomic_write_bytes(self.out / name, data, sync_dir=False)  # the progress record syncs the dir
-        self.p.train_shards.append(
-            {
-                "file": name,
-                "tokens": int(self.fill),
-                "documents": int(np.count_nonzero(self.buf[: self.fill] == self.eos_id)),
-                "sha256": hashlib.sha256(data).hexdigest(),
-            }
-        )
-        self.fill = 0
+        self.p.train_shards.append(self.shard.finish())  # the progress record syncs the directory
+        self.shard = None
         self.p.docs_read, self.p.skip_tokens = next_doc, skip
         self.val.flush()
         os.fsync(self.val.fileno())
@@ -169,6 +193,8 @@ class _Writer:
             self.on_shard(self.out, len(self.p.train_shards))
 
     def close(self) -> None:
+        if self.shard is not None:  # an error mid-shard: the next run starts this shard again
+            self.shard.abort()
         self.val.close()
 
 
@@ -425,22 +451,16 @@ def split_summary(shards: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def split_spill(out: Path, s: BuildSettings, eos_id: int, itemsize: int) -> list[dict[str, Any]]:
-    """Cut the validation spill into shards of shard_tokens (streamed, not loaded whole)."""
+    """Cut the validation spill into shards of shard_tokens (streamed in blocks, never loaded whole)."""
     spill = out / VAL_SPILL
     total = spill.stat().st_size // itemsize if spill.exists() else 0
     shards = []
     dtype = DTYPES[s.dtype]
+    block = 1 << 20
     for idx, start in enumerate(range(0, total, s.shard_tokens)):
-        n = min(s.shard_tokens, total - start)
-        data = np.fromfile(spill, dtype=dtype, count=n, offset=start * itemsize)
-        name = f"val_{idx:05d}.bin"
-        atomic_write_bytes(out / name, data.tobytes(), sync_dir=False)
-        shards.append(
-            {
-                "file": name,
-                "tokens": int(n),
-                "documents": int(np.count_nonzero(data == eos_id)),
-                "sha256": hashlib.sha256(data.tobytes()).hexdigest(),
-            }
-        )
+        shard = ShardFile(out, f"val_{idx:05d}.bin", s.shard_tokens, eos_id)
+        end = min(start + s.shard_tokens, total)
+        for a in range(start, end, block):
+            shard.write(np.fromfile(spill, dtype=dtype, count=min(block, end - a), offset=a * itemsize))
+        shards.append(shard.finish())
     return shards
