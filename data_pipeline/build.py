@@ -165,8 +165,10 @@ class _Writer:
         self.p.val_tokens += len(tokens)
         self.p.val_docs += 1
 
-    def add_train(self, tokens: np.ndarray, doc_index: int) -> None:
-        """Append one document (with EOS); a full shard is flushed mid-document when needed."""
+    def add_train_run(self, tokens: np.ndarray, ends: np.ndarray, doc_ids: np.ndarray, written: int = 0) -> None:
+        """Append consecutive documents (each with EOS): ``tokens`` their concatenation, ``ends`` each one's
+        end offset in it, ``doc_ids`` their raw stream indices; ``written`` tokens of the first one were
+        written before (a resumed build). A full shard is flushed, mid-document if so."""
         pos = 0
         while pos < len(tokens):
             if self.shard is None:
@@ -176,9 +178,12 @@ class _Writer:
             self.shard.write(tokens[pos : pos + n])
             pos += n
             if not self.shard.room:
-                # The stream position after this shard: inside document `doc_index` unless it ended.
-                done = pos == len(tokens)
-                self.flush(next_doc=doc_index + 1 if done else doc_index, skip=0 if done else pos)
+                # The stream position after this shard: the document the shard ends in, and how many of its
+                # tokens are written (0 when the shard ends with it: then the next document, from its start).
+                j = int(np.searchsorted(ends, pos))
+                start = int(ends[j - 1]) if j else -written
+                done = ends[j] == pos
+                self.flush(next_doc=int(doc_ids[j]) + (1 if done else 0), skip=0 if done else pos - start)
 
     def flush(self, next_doc: int, skip: int) -> None:
         if self.shard is None:
@@ -252,7 +257,7 @@ def build_shards(
     tok = Tokenizer.load(tokenizer)
     out = Path(out)
     inputs = list(inputs) or sources.default_corpus_paths()
-    sources.expand_inputs(inputs)  # fail fast, with the path named, before any output exists
+    srcs = sources.expand_inputs(inputs)  # fail fast, with the path named, before any output exists
     settings = BuildSettings(
         inputs=[str(i) for i in inputs],
         tokenizer_sha256=tok.fingerprint,
@@ -275,7 +280,7 @@ def build_shards(
     _clean_partial(out, p, DTYPES[settings.dtype].itemsize)
     stats = sources.SourceStats()
     t0 = time.time()
-    _run(settings, tok, out, p, stats, workers, progress, on_shard)
+    _run(settings, srcs, tok, out, p, stats, workers, progress, on_shard)
     manifest = _finalize(out, settings, tok, p, stats, time.time() - t0, allow_empty)
     return manifest
 
@@ -293,16 +298,14 @@ def finished_build(out: Path, settings: BuildSettings) -> dict[str, Any] | None:
     return manifest
 
 
-def _run(settings, tok, out, p: _Progress, stats, workers: int, progress: bool | None, on_shard=None) -> None:
+def _run(settings, srcs, tok, out, p: _Progress, stats, workers: int, progress: bool | None, on_shard=None) -> None:
     seen: set[bytes] = set()
     resume_at, skip = p.docs_read, p.skip_tokens
     counters = {"raw": 0, "kept": 0, "dups": 0}
 
     def filtered() -> Iterator[tuple[int, bool, str]]:
         """(raw index, is_val, text) for documents that pass the filters; counters stay in sync."""
-        for text in sources.iter_documents(
-            settings.inputs, text_field=settings.text_field, min_chars=settings.min_chars, stats=stats
-        ):
+        for text in sources.iter_documents(srcs, text_field=settings.text_field, min_chars=settings.min_chars, stats=stats):
             i = counters["raw"]
             counters["raw"] += 1
             if settings.dedup:
@@ -327,16 +330,19 @@ def _run(settings, tok, out, p: _Progress, stats, workers: int, progress: bool |
         items = _with_meta(stream)
         for (meta, texts), (tokens, lengths) in _ordered_map_meta(items, workers, settings, tok):
             offsets = np.concatenate([[0], np.cumsum(lengths)])
-            for (i, is_val), a, b in zip(meta, offsets[:-1], offsets[1:]):
-                doc = tokens[a:b]
-                if i == resume_at and skip:
-                    doc, skip = doc[skip:], 0
-                    writer.add_train(doc, i)  # continue the document that spans the shard boundary
-                    continue
-                if is_val:
-                    writer.add_val(doc)
-                else:
-                    writer.add_train(doc, i)
+            ids = np.fromiter((i for i, _ in meta), dtype=np.int64, count=len(meta))
+            run = 0  # documents [run, j) of the batch are consecutive train documents not yet written
+            for j, (i, is_val) in enumerate(meta):
+                if is_val or (i == resume_at and skip):
+                    writer.add_train_run(tokens[offsets[run] : offsets[j]], offsets[run + 1 : j + 1] - offsets[run], ids[run:j])
+                    run = j + 1
+                    doc = tokens[offsets[j] : offsets[j + 1]]
+                    if is_val:
+                        writer.add_val(doc)
+                    else:  # continue the document that spans the shard boundary
+                        writer.add_train_run(doc[skip:], np.array([len(doc) - skip]), ids[j : j + 1], written=skip)
+                        skip = 0
+            writer.add_train_run(tokens[offsets[run] :], offsets[run + 1 :] - offsets[run], ids[run:])
             if bar is not None:
                 bar.update(len(texts))
                 bar.set_postfix(tokens=int(offsets[-1]), refresh=False)

@@ -103,11 +103,12 @@ def default_corpus_paths() -> list[str]:
     return [str(f) for f in sorted(files, key=lambda f: f.relative_to(root).parts)]
 
 
-def expand_inputs(paths: Sequence[str | os.PathLike[str]]) -> list[Source]:
-    """Resolve input specs into sources, in input order; each directory or glob is expanded sorted."""
+def expand_inputs(paths: Sequence[str | os.PathLike[str] | Source]) -> list[Source]:
+    """Resolve input specs into sources, in input order; each directory or glob is expanded sorted
+    (a :class:`Source`, already resolved, is kept as it is)."""
     out: list[Source] = []
     for spec in paths:
-        out += _expand_one(os.fspath(spec))
+        out += [spec] if isinstance(spec, Source) else _expand_one(os.fspath(spec))
     return out
 
 
@@ -246,7 +247,7 @@ def _hf_source(spec: str) -> Source:
 
 
 def iter_documents(
-    paths: Sequence[str | os.PathLike[str]],
+    paths: Sequence[str | os.PathLike[str] | Source],
     text_field: str = "text",
     min_chars: int = 0,
     stats: SourceStats | None = None,

@@ -200,3 +200,35 @@ def test_reading_runs_at_most_2w_batches_ahead_of_the_writer(tokenizer_dir):
     assert texts == ["document 0"] and len(lengths) == 1
     assert len(pulled) <= 2 * 2 + 1
     gen.close()
+
+
+def test_a_document_over_many_shards_resumes_exactly_after_each_interruption(tmp_path, tokenizer_dir):
+    """A long document spans 4+ shards; the build is stopped after shard 1, then again after shard 3 (inside
+    the same document, already resumed once): the finished bytes equal an uninterrupted build's."""
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text("short one. " * 20)
+    (corpus / "b.txt").write_text(" ".join(f"word{i % 97} and more text" for i in range(4000)))  # ~5 shards
+    (corpus / "c.txt").write_text("a tail document. " * 30)
+    kw = dict(workers=1, shard_tokens=3000)
+    ref = tmp_path / "ref"
+    build_shards([str(corpus)], tokenizer_dir, ref, **kw)
+    assert Manifest(ref).data["splits"]["train"]["documents"] == 3 and len(Manifest(ref).shards()) >= 5
+
+    class Stop(Exception):
+        pass
+
+    def stop_at(k):
+        def hook(out, n):
+            if n == k:
+                raise Stop
+        return hook
+
+    out = tmp_path / "out"
+    for k in (1, 3):
+        with pytest.raises(Stop):
+            build_shards([str(corpus)], tokenizer_dir, out, on_shard=stop_at(k), **kw)
+        state = json.loads((out / "progress.json").read_text())["progress"]
+        assert state["docs_read"] == 1 and state["skip_tokens"] > 0  # stopped inside document b
+    build_shards([str(corpus)], tokenizer_dir, out, **kw)
+    assert _tree_bytes(out) == _tree_bytes(ref)
