@@ -30,6 +30,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import re
 import resource
 import shutil
 import sys
@@ -130,6 +131,7 @@ def run_build(corpus: Path, tok_dir: Path, workers: int, tag: str, cache: Path =
         raise SystemExit(f"build failed ({r['returncode']}): {' '.join(cmd)}\n{r['stderr'][-3000:]}")
     m = json.loads((out / "manifest.json").read_text())
     shutil.rmtree(out, ignore_errors=True)
+    cpu = re.search(r"cpu: main process ([\d.]+)s, tokenizer workers ([\d.]+)s", r["stdout"])
     tokens = m["splits"]["train"]["tokens"] + m["splits"]["val"]["tokens"]
     docs = m["splits"]["train"]["documents"] + m["splits"]["val"]["documents"]
     return {
@@ -142,6 +144,8 @@ def run_build(corpus: Path, tok_dir: Path, workers: int, tag: str, cache: Path =
         "bytes": m["stats"]["bytes_read"],
         "command": "python " + " ".join(cmd[1:]),
         "stdout": r["stdout"].strip()[-500:],
+        "main_cpu_seconds": float(cpu[1]) if cpu else None,
+        "worker_cpu_seconds": float(cpu[2]) if cpu else None,
     }
 
 
@@ -374,6 +378,16 @@ def run(size_mb: float, growth: list[int], workers: list[int], repeat: int = 1, 
         recs.append(record(f"{NAME}.build_cpu.w{w}", "tokens_per_cpu_s", ours[w]["tokens"] / ours[w]["cpu_seconds"],
                            "tokens/cpu-s", lim, config={**cfg, "cpu_seconds": round(ours[w]["cpu_seconds"], 3),
                                                         "includes": "interpreter start-up, imports, finalize"}))
+        if w > 1 and ours[w]["main_cpu_seconds"] is not None:  # where the time goes: the build's own CPU split
+            split = {**common, "workers": w, "limit_cpu_seconds": round(limit[w]["cpu_seconds"], 3)}
+            recs.append(record(f"{NAME}.where.main_cpu.w{w}", "seconds", ours[w]["main_cpu_seconds"], "cpu-s",
+                               config={**split, "what": "CPU of the build's main process (listing, reading and "
+                                       "decoding documents, handing them to the workers, writing and hashing shards), "
+                                       "from its own getrusage; on W cores it competes with the W workers"}))
+            recs.append(record(f"{NAME}.where.worker_cpu.w{w}", "seconds", ours[w]["worker_cpu_seconds"], "cpu-s",
+                               config={**split, "what": "CPU of the tokenizer worker processes (encode, the wrapper's "
+                                       "chunking, receiving texts and sending token arrays); compare limit_cpu_seconds, "
+                                       "the bare encode of the same documents"}))
 
     recs += scaling_records(ours, workers, recs, common)
     recs += growth_records(grown, rss_w, common)

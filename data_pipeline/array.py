@@ -25,7 +25,6 @@ boundaries differ. Three steps, each its own command:
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 from collections.abc import Callable, Sequence
@@ -62,9 +61,9 @@ def split_inputs(inputs: Sequence[str], parts: int) -> tuple[list[list[str]], li
         raise DataError(f"--parts {parts}: must be positive")
     pieces: list[tuple[str, int]] = []
     srcs = sources.expand_inputs(inputs)
-    target = max(1, sum(_size(s) for s in srcs) // parts)
+    target = max(1, sum(sources.source_bytes(s) for s in srcs) // parts)
     for src in srcs:
-        pieces += _pieces(src, target)
+        pieces += sources.split_source(src, target)
     total = sum(w for _, w in pieces) or 1
     out: list[list[str]] = [[]]
     weights = [0]
@@ -78,39 +77,6 @@ def split_inputs(inputs: Sequence[str], parts: int) -> tuple[list[list[str]], li
         weights[-1] += w
         done += w
     return out, weights
-
-
-def _size(src: sources.Source) -> int:
-    if src.kind == "hf_dataset":
-        p = Path(src.path)
-        if p.is_dir():
-            return sum(f.stat().st_size for f in p.rglob("*") if f.is_file()) or 1
-        return 1
-    return max(1, os.path.getsize(src.path))
-
-
-def _pieces(src: sources.Source, target: int) -> list[tuple[str, int]]:
-    """One source as (spec, bytes) pieces of about ``target`` bytes where its format can be split."""
-    size = _size(src)
-    if size <= target or src.compression:
-        return [(src.spec, size)]
-    if src.kind == "jsonl":
-        k = math.ceil(size / target)
-        cuts = [size * i // k for i in range(k + 1)]
-        return [(f"{src.path}#bytes={a}-{b}", b - a) for a, b in zip(cuts[:-1], cuts[1:])]
-    if src.kind == "parquet":
-        import pyarrow.parquet as pq
-
-        meta = pq.ParquetFile(src.path).metadata
-        sizes = [max(1, meta.row_group(i).total_byte_size) for i in range(meta.num_row_groups)]
-        out, start, acc = [], 0, 0
-        for i, s in enumerate(sizes):
-            acc += s
-            if acc >= target or i == len(sizes) - 1:
-                out.append((f"{src.path}#row_groups={start}-{i + 1}", acc))
-                start, acc = i + 1, 0
-        return out or [(src.spec, size)]
-    return [(src.spec, size)]
 
 
 def plan_build(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from collections.abc import Sequence
@@ -28,6 +29,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, help="output dir: tokenizer.model + tokenizer.json & co.")
     t.add_argument("--model-type", choices=["unigram", "bpe"], default="unigram")
     t.add_argument("--sample-docs", type=int, default=100_000, help="documents reservoir-sampled for training")
+    t.add_argument("--read-mb", type=float, default=None,
+                   help="read only about this many MB of the inputs: pieces (files, byte ranges, row groups) "
+                        "drawn from all of them with --seed (default: read everything)")
     t.add_argument("--extra-special-tokens", nargs="*", default=[], metavar="TOKEN")
     t.add_argument("--text-field", default="text", help="JSON/parquet/datasets column with the text")
     t.add_argument("--seed", type=int, default=0)
@@ -94,6 +98,11 @@ def _train_tokenizer(args) -> int:
     inputs = args.input or sources.default_corpus_paths()
     sources.expand_inputs(inputs)
     t0 = time.time()
+    if args.read_mb is not None:
+        if args.read_mb <= 0:
+            raise DataError(f"--read-mb {args.read_mb}: must be positive")
+        inputs = sources.sample_inputs(inputs, int(args.read_mb * 2**20), seed=args.seed)
+        print0(f"tokenizer: reading {len(inputs):,} piece(s) of the inputs (about {args.read_mb:g} MB, seed {args.seed})")
     docs = sources.iter_documents(inputs, text_field=args.text_field)
     if progress_enabled():
         from tqdm import tqdm
@@ -119,6 +128,9 @@ def _build(args) -> int:
     m = build_shards(args.input, args.tokenizer, args.out, workers=args.workers, **build_settings(args),
                      progress=False if args.no_progress else None)
     _summary(m, args.out, time.time() - t0)
+    me, kids = (resource.getrusage(w) for w in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))
+    # where the CPU went: this process reads, decodes, hands out and writes; the workers tokenize
+    print0(f"  cpu: main process {me.ru_utime + me.ru_stime:.2f}s, tokenizer workers {kids.ru_utime + kids.ru_stime:.2f}s")
     return 0
 
 

@@ -14,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import random
 import re
 import sysconfig
 import threading
@@ -244,6 +245,59 @@ def _hf_source(spec: str) -> Source:
             "data files or a loading script) because lmforge never downloads"
         )
     return _saved_source(path, split) if _saved_kind(Path(path)) else Source(path, "hf_dataset", None, split)
+
+
+def source_bytes(src: Source) -> int:
+    """The size of a source on disk (compressed files: compressed; a saved dataset: its files), at least 1."""
+    if src.kind == "hf_dataset":
+        p = Path(src.path)
+        return max(1, sum(f.stat().st_size for f in p.rglob("*") if f.is_file())) if p.is_dir() else 1
+    return max(1, os.path.getsize(src.path))
+
+
+def split_source(src: Source, target: int) -> list[tuple[str, int]]:
+    """One source as (input spec, bytes) pieces of about ``target`` bytes where its format can be split
+    (uncompressed JSON lines by byte range, Parquet by row group); other sources are one piece."""
+    size = source_bytes(src)
+    if size <= target or src.compression or src.start is not None:
+        return [(src.spec, size)]
+    if src.kind == "jsonl":
+        k = -(-size // target)
+        cuts = [size * i // k for i in range(k + 1)]
+        return [(f"{src.path}#bytes={a}-{b}", b - a) for a, b in zip(cuts[:-1], cuts[1:])]
+    if src.kind == "parquet":
+        import pyarrow.parquet as pq
+
+        meta = pq.ParquetFile(src.path).metadata
+        out, start, acc = [], 0, 0
+        for i in range(meta.num_row_groups):
+            acc += max(1, meta.row_group(i).total_byte_size)
+            if acc >= target or i == meta.num_row_groups - 1:
+                out.append((f"{src.path}#row_groups={start}-{i + 1}", acc))
+                start, acc = i + 1, 0
+        return out or [(src.spec, size)]
+    return [(src.spec, size)]
+
+
+def sample_inputs(inputs: Sequence[str | os.PathLike[str]], read_bytes: int, seed: int = 0,
+                  piece_bytes: int = 16 << 20) -> list[str]:
+    """Input specs for about ``read_bytes`` of the inputs, spread over all of them: each input cut into
+    pieces of about ``piece_bytes`` (files, byte ranges, row groups), a seeded random choice of them,
+    in input order. All of the inputs when they are no larger."""
+    pieces = [p for src in expand_inputs(inputs) for p in split_source(src, piece_bytes)]
+    if sum(w for _, w in pieces) <= read_bytes:
+        return [spec for spec, _ in pieces]
+    order = list(range(len(pieces)))
+    random.Random(seed).shuffle(order)
+    chosen, total = [], 0
+    for i in order:
+        if chosen and total + pieces[i][1] > read_bytes:
+            continue  # a piece that would overshoot; a smaller one may still fit
+        chosen.append(i)
+        total += pieces[i][1]
+        if total >= read_bytes:
+            break
+    return [pieces[i][0] for i in sorted(chosen)]
 
 
 def iter_documents(

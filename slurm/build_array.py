@@ -2,8 +2,8 @@
 
 The data build as a SLURM job array (see data_pipeline/array.py): the inputs are planned into K
 parts (default: as many as run at once on N nodes), each part is one array task on C cores
-(``--cpus-per-task``, default a whole node; the tokenizer's worker processes), at most N nodes' worth
-at a time; a merge job that depends on the whole array writes ``OUT/manifest.json``. The result is
+(``--cpus-per-task``, default 4: one part's main process keeps about 5 tokenizer workers busy, so a
+bigger node runs several parts), at most N nodes' worth at a time; a merge job that depends on the whole array writes ``OUT/manifest.json``. The result is
 byte for byte the token stream of ``python -m data_pipeline build`` with the same inputs and
 options, in other shard files.
 
@@ -36,6 +36,10 @@ from slurm.resources import partition_cores
 from slurm.submit import _Parser, parse_time, sbatch_text, split_options, wait
 
 USAGE = __doc__.strip().splitlines()[0].strip("`")
+# One part's build has one main process that reads and decodes the documents and writes the shards for its
+# tokenizer workers: it keeps about 5 of them busy (bench data_pipeline.where.*: 0.25 CPU-s of main process
+# per 1.27 of workers), so a bigger node runs several parts at once.
+DEFAULT_CPUS_PER_TASK = 4
 HOOK_ENV = "LMFORGE_BUILD_HOOK"  # MODULE:FUNCTION; FUNCTION(part) -> on_shard(out, n) or None (tests' fault injection)
 
 
@@ -46,7 +50,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--partition", required=True, help="SLURM partition (debug on the local test cluster)")
     p.add_argument("--time", required=True, help="time limit of each task: MM, HH:MM:SS, D-HH, D-HH:MM or D-HH:MM:SS")
     p.add_argument("--array", type=int, help="number of parts = array tasks (default: the tasks that run at once)")
-    p.add_argument("--cpus-per-task", type=int, help="cores (tokenizer processes) per part (default: a whole node)")
+    p.add_argument("--cpus-per-task", type=int,
+                   help=f"cores (tokenizer processes) per part (default: {DEFAULT_CPUS_PER_TASK}, or a smaller node's all)")
     p.add_argument("--cores-per-node", type=int, help="CPU cores of one node (default: sinfo for the partition)")
     p.add_argument("--account")
     p.add_argument("--qos")
@@ -109,7 +114,7 @@ def main(argv: Sequence[str]) -> int:
             raise ConfigError(f"--{name.replace('_', '-')} {v}: must be positive")
     minutes = parse_time(args.time)
     node_cores = args.cores_per_node or partition_cores(args.partition)
-    cpus = args.cpus_per_task or node_cores
+    cpus = args.cpus_per_task or min(node_cores, DEFAULT_CPUS_PER_TASK)
     at_once = args.nodes * max(1, node_cores // cpus)
     out = Path(b.out).resolve()
     plan = array.plan_build(b.input, b.tokenizer, out, args.array or at_once, **build_settings(b), write=not args.dry_run)

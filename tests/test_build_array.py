@@ -148,3 +148,48 @@ def test_merge_refuses_incomplete_parts_and_a_changed_plan(tmp_path, mixed_corpu
         array.plan_build(*args, **SETTINGS, dedup=True)
     with pytest.raises(DataError, match="parts 0 to 3"):
         array.build_part(out, 4)
+
+
+def test_ten_thousand_files_through_a_glob_under_ulimit_256(tmp_path, tokenizer_dir):
+    """A glob of 10,000 files: the one-machine build runs under ``ulimit -n 256`` (files are read one at a
+    time), and a plan of 4 parts over them merges to the same stream."""
+    from conftest import run_stage
+
+    root = tmp_path / "many"
+    for i in range(10_000):
+        d = root / f"s{i // 1000:02d}"
+        if i % 1000 == 0:
+            d.mkdir(parents=True)
+        (d / f"f{i:05d}.jsonl").write_text(json.dumps({"text": f"document {i}: " + "some words " * (i % 7 + 1)}) + "\n")
+    glob = f"{root}/**/*.jsonl"
+    one = tmp_path / "one"
+    run_stage("data_pipeline", ["build", "--input", glob, "--tokenizer", str(tokenizer_dir), "--out", str(one),
+                                "--workers", "2", "--shard-tokens", "20000", "--no-progress"], nofile=256)
+    assert Manifest(one).data["stats"]["files"] == 10_000
+    out = tmp_path / "arr"
+    plan = array.plan_build([glob], tokenizer_dir, out, 4, shard_tokens=20_000)
+    sizes = [len(p) for p in plan["parts"]]
+    assert sum(sizes) == 10_000 and all(abs(n - 2500) < 50 for n in sizes)  # balanced by bytes
+    for i in range(4):
+        array.build_part(out, i)
+    array.merge(out)
+    assert np.array_equal(stream(out), stream(one))
+
+
+def test_tokenizer_training_reads_a_spread_sample_of_big_inputs(tmp_path, mixed_corpus):
+    """``train-tokenizer --read-mb``: pieces drawn from every kind of input, about the budget, deterministic."""
+    from data_pipeline.sources import SourceStats, sample_inputs
+
+    specs = sample_inputs([str(mixed_corpus)], read_bytes=300_000, seed=0, piece_bytes=60_000)
+    assert specs == sample_inputs([str(mixed_corpus)], read_bytes=300_000, seed=0, piece_bytes=60_000)
+    assert specs != sample_inputs([str(mixed_corpus)], read_bytes=300_000, seed=1, piece_bytes=60_000)
+    assert any("#bytes=" in s for s in specs) and any("a_text" in s for s in specs)  # from several inputs
+    stats = SourceStats()
+    docs = list(iter_documents(specs, stats=stats))
+    everything = SourceStats()
+    list(iter_documents([str(mixed_corpus)], stats=everything))
+    assert docs and stats.bytes_read < 0.4 * everything.bytes_read
+    out = tmp_path / "tok"
+    assert cli_main(["train-tokenizer", "--input", str(mixed_corpus), "--read-mb", "0.3", "--vocab-size", "600",
+                     "--out", str(out)]) == 0
+    assert (out / "tokenizer.model").is_file()
