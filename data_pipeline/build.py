@@ -84,16 +84,7 @@ def _init_worker(tokenizer_path: str) -> None:
 def _encode(texts: list[str], dtype: str) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of each text followed by EOS, concatenated; plus per-document lengths (with EOS)."""
     assert _TOK is not None
-    ids = _TOK.encode_batch(texts)
-    lengths = np.fromiter((len(x) + 1 for x in ids), dtype=np.int64, count=len(ids))
-    out = np.empty(int(lengths.sum()), dtype=DTYPES[dtype])
-    pos = 0
-    for x in ids:
-        out[pos : pos + len(x)] = x
-        pos += len(x)
-        out[pos] = _TOK.eos_id
-        pos += 1
-    return out, lengths
+    return _TOK.encode_concat(texts, DTYPES[dtype], append_id=_TOK.eos_id)  # memory bounded per call, not per text
 
 
 # ---------------------------------------------------------------- main side

@@ -44,7 +44,7 @@ _RANGE = re.compile(r"(?P<path>.+)#(?P<unit>bytes|row_groups)=(?P<start>\d+)-(?P
 _WS = re.compile(r"\s*")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # slots: a corpus of 100,000 files is 100,000 of these
 class Source:
     """One readable input. ``split`` only applies to ``hf_dataset`` sources.
 

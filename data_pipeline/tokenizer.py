@@ -29,6 +29,7 @@ import re
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
+import numpy as np
 import sentencepiece as spm
 from google.protobuf.message import DecodeError
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
@@ -266,6 +267,41 @@ class Tokenizer:
                     ids.append(part)
             out.append(ids)
         return out
+
+    def encode_concat(self, texts: list[str], dtype, append_id: int | None = None,
+                      max_chars: int = 1 << 16) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of every text (each followed by ``append_id`` when given) concatenated into one ``dtype``
+        array, and each text's number of ids: the ids of :meth:`encode_batch`, but SentencePiece gets at most
+        about ``max_chars`` characters per call and its lists go into numpy at once, so the memory is
+        bounded by ``max_chars``, not by the longest text (Python's lists cost ~36 bytes per id)."""
+        pieces: list[np.ndarray | None] = []
+        lengths = np.zeros(len(texts), dtype=np.int64)
+        pending: list[tuple[int, int, str]] = []  # (slot in pieces, text index, chunk)
+        chars = 0
+
+        def flush() -> None:
+            for (slot, owner, _), ids in zip(pending, self._encode_chunks([c for _, _, c in pending])):
+                pieces[slot] = np.asarray(ids, dtype=dtype)
+                lengths[owner] += len(ids)
+            pending.clear()
+
+        for i, text in enumerate(texts):
+            for part in self._plan(text):
+                if isinstance(part, str):
+                    pending.append((len(pieces), i, part))
+                    pieces.append(None)
+                    chars += len(part)
+                    if chars >= max_chars:
+                        flush()
+                        chars = 0
+                else:
+                    pieces.append(np.array([part], dtype=dtype))
+                    lengths[i] += 1
+            if append_id is not None:
+                pieces.append(np.array([append_id], dtype=dtype))
+                lengths[i] += 1
+        flush()
+        return (np.concatenate(pieces) if pieces else np.empty(0, dtype=dtype)), lengths
 
     def _encode_chunks(self, chunks: list[str]) -> list[list[int]]:
         try:

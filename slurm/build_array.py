@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from data_pipeline import array
-from data_pipeline.cli import add_build_options, build_settings
+from data_pipeline.cli import add_build_options, build_settings, fixed_mmap_threshold
 from lmforge.errors import ConfigError
 from slurm.launch import RECORDS, REPO, append_record
 from slurm.resources import partition_cores
@@ -78,6 +78,7 @@ class BuildPartTask:
         self.out, self.workers = out, workers
 
     def __call__(self, part: int) -> dict[str, Any]:
+        fixed_mmap_threshold()
         m = array.build_part(self.out, part, workers=self.workers, on_shard=_hook(part))
         tr = m["splits"]["train"]
         return {"part": part, "tokens": tr["tokens"], "documents": tr["documents"], "shards": len(tr["shards"])}

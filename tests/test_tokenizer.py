@@ -206,3 +206,18 @@ def test_without_a_mask_token_special_lookalikes_in_text_stay_text_in_hugging_fa
     text = "lookalikes <s> </s> <pad> <unk> <mask>"
     assert hf.mask_token is None and hf.encode(text, add_special_tokens=False) == tok.encode(text)
     assert tok.bos_id not in tok.encode(text)
+
+
+def test_encode_concat_equals_encode_batch_for_any_call_size(tokenizer_dir, stdlib_files):
+    """The build's encoder: the same ids as encode_batch (EOS after each text), whatever the characters per
+    SentencePiece call, also for texts far longer than one call."""
+    import numpy as np
+
+    tok = Tokenizer.load(tokenizer_dir)
+    texts = [Path(f).read_text(errors="replace") for f in stdlib_files[:12]]
+    texts += ["", "x", "".join(texts)]  # an empty text, one character, one text of ~all the others
+    want = [ids + [tok.eos_id] for ids in tok.encode_batch(texts)]
+    for max_chars in (1, 1000, 1 << 16, 1 << 30):
+        flat, lengths = tok.encode_concat(texts, np.uint16, append_id=tok.eos_id, max_chars=max_chars)
+        assert lengths.tolist() == [len(w) for w in want]
+        assert flat.tolist() == [i for w in want for i in w]
