@@ -12,6 +12,12 @@ manifest.json::
                     {"file": "train_00000.bin", "tokens": n, "documents": d, "sha256": h}, ...]},
                 "val": {...}},
      "fingerprint": sha256 over tokenizer hash + every shard hash, ...}
+
+A shard's ``file`` is a path relative to the directory. The data is the **token stream** of a split: its
+shards' tokens in manifest order. Shard boundaries are not part of it: a job-array build
+(``data_pipeline/array.py``; its manifest has an ``"array"`` entry and lists ``parts/NNNNN/train_*.bin``
+and ``head/train_*.bin``) holds the same stream as a one-machine build of the same inputs and settings,
+cut into other shards, so its ``fingerprint`` (which hashes the shards) differs.
 """
 
 from __future__ import annotations
