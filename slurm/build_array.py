@@ -31,9 +31,9 @@ from typing import Any
 from data_pipeline import array
 from data_pipeline.cli import add_build_options, build_settings, fixed_mmap_threshold
 from lmforge.errors import ConfigError
+from slurm.jobs import OptionParser, parse_time, sbatch_text, split_options, wait
 from slurm.launch import RECORDS, REPO, append_record
 from slurm.resources import partition_cores
-from slurm.submit import _Parser, parse_time, sbatch_text, split_options, wait
 
 USAGE = __doc__.strip().splitlines()[0].strip("`")
 # One part's build has one main process that reads and decodes the documents and writes the shards for its
@@ -44,7 +44,7 @@ HOOK_ENV = "LMFORGE_BUILD_HOOK"  # MODULE:FUNCTION; FUNCTION(part) -> on_shard(o
 
 
 def parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="python -m slurm.submit build", usage=USAGE, allow_abbrev=False,
+    p = OptionParser(prog="python -m slurm.submit build", usage=USAGE, allow_abbrev=False,
                 description=__doc__.split("\n", 2)[2], formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nodes", type=int, required=True, help="nodes the array may occupy at once")
     p.add_argument("--partition", required=True, help="SLURM partition (debug on the local test cluster)")
@@ -65,7 +65,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def _build_parser() -> argparse.ArgumentParser:
-    b = _Parser(prog="python -m slurm.submit build ... (build options)", allow_abbrev=False)
+    b = OptionParser(prog="python -m slurm.submit build ... (build options)", allow_abbrev=False)
     add_build_options(b)
     return b
 
