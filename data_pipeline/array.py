@@ -35,15 +35,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline import build, sources
-from data_pipeline.shards import (
-    DTYPES,
-    FORMAT,
-    FORMAT_VERSION,
-    MANIFEST,
-    Manifest,
-    dtype_for_vocab,
-    manifest_fingerprint,
-)
+from data_pipeline.shards import DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, Manifest, manifest_fingerprint
 from data_pipeline.tokenizer import Tokenizer
 from lmforge.errors import DataError
 from lmforge.io import atomic_write_text, fsync_dir
@@ -79,36 +71,17 @@ def split_inputs(inputs: Sequence[str], parts: int) -> tuple[list[list[str]], li
     return out, weights
 
 
-def plan_build(
-    inputs: Sequence[str],
-    tokenizer: str | Path,
-    out: str | Path,
-    parts: int,
-    shard_tokens: int = 1 << 24,
-    val_docs: int = 0,
-    val_every: int = 100,
-    dedup: bool = False,
-    min_chars: int = 0,
-    text_field: str = "text",
-    seq_len: int | None = None,
-    dtype: str = "auto",
-    write: bool = True,
-) -> dict[str, Any]:
+def plan_build(inputs: Sequence[str], tokenizer: str | Path, out: str | Path, parts: int, write: bool = True,
+               **settings: Any) -> dict[str, Any]:
     """The plan of a job-array build (written to ``OUT/plan.json`` with the tokenizer unless ``write`` is
-    False); an existing plan must be this one."""
-    if dedup:
+    False); an existing plan must be this one. ``settings``: the build options of ``build_shards``."""
+    if settings.get("dedup"):
         raise DataError("--dedup cannot run as a job array: dropping a duplicate needs every document before it "
                         "on one machine; build without --dedup (or dedup the corpus first)")
-    if shard_tokens < 1:
-        raise DataError(f"--shard-tokens {shard_tokens}: must be positive")
     tok = Tokenizer.load(tokenizer)
     out = Path(out)
     inputs = list(inputs) or sources.default_corpus_paths()
-    settings = build.BuildSettings(
-        inputs=[str(i) for i in inputs], tokenizer_sha256=tok.fingerprint, dtype=dtype_for_vocab(tok.vocab_size, dtype),
-        shard_tokens=int(shard_tokens), val_docs=int(val_docs), val_every=max(1, int(val_every)), dedup=False,
-        min_chars=int(min_chars), text_field=text_field, seq_len=seq_len,
-    )
+    settings = build.make_settings(inputs, tok, **settings)
     specs, weights = split_inputs(inputs, parts)
     plan = {"format": "lmforge-build-plan", "settings": asdict(settings), "parts": specs, "bytes": weights}
     plan = json.loads(json.dumps(plan))

@@ -249,20 +249,8 @@ def build_shards(
     out = Path(out)
     inputs = list(inputs) or sources.default_corpus_paths()
     srcs = sources.expand_inputs(inputs)  # fail fast, with the path named, before any output exists
-    settings = BuildSettings(
-        inputs=[str(i) for i in inputs],
-        tokenizer_sha256=tok.fingerprint,
-        dtype=dtype_for_vocab(tok.vocab_size, dtype),
-        shard_tokens=int(shard_tokens),
-        val_docs=int(val_docs),
-        val_every=max(1, int(val_every)),
-        dedup=bool(dedup),
-        min_chars=int(min_chars),
-        text_field=text_field,
-        seq_len=seq_len,
-    )
-    if shard_tokens < 1:
-        raise DataError(f"--shard-tokens {shard_tokens}: must be positive")
+    settings = make_settings(inputs, tok, shard_tokens=shard_tokens, val_docs=val_docs, val_every=val_every,
+                             dedup=dedup, min_chars=min_chars, text_field=text_field, seq_len=seq_len, dtype=dtype)
     done = finished_build(out, settings)
     if done is not None:
         return done
@@ -274,6 +262,19 @@ def build_shards(
     _run(settings, srcs, tok, out, p, stats, workers, progress, on_shard)
     manifest = _finalize(out, settings, tok, p, stats, time.time() - t0, allow_empty)
     return manifest
+
+
+def make_settings(inputs: Sequence[str], tok: Tokenizer, shard_tokens: int = 1 << 24, val_docs: int = 0,
+                  val_every: int = 100, dedup: bool = False, min_chars: int = 0, text_field: str = "text",
+                  seq_len: int | None = None, dtype: str = "auto") -> BuildSettings:
+    """The settings of a build of ``inputs`` with ``tok`` (the keyword arguments of :func:`build_shards`)."""
+    if shard_tokens < 1:
+        raise DataError(f"--shard-tokens {shard_tokens}: must be positive")
+    return BuildSettings(
+        inputs=[str(i) for i in inputs], tokenizer_sha256=tok.fingerprint, dtype=dtype_for_vocab(tok.vocab_size, dtype),
+        shard_tokens=int(shard_tokens), val_docs=int(val_docs), val_every=max(1, int(val_every)), dedup=bool(dedup),
+        min_chars=int(min_chars), text_field=text_field, seq_len=seq_len,
+    )
 
 
 def finished_build(out: Path, settings: BuildSettings) -> dict[str, Any] | None:
