@@ -24,7 +24,7 @@ from lmforge.config import (
     read_yaml,
     split_cli,
 )
-from lmforge.errors import ConfigError, run_cli
+from lmforge.errors import ConfigError, exit_process, run_cli
 
 USAGE = __doc__.strip().splitlines()[0].strip("`")
 DRY_RUN_DATA = "<not read by --dry-run>"  # data.train when a dry run is given none: sizes do not depend on it
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def cli() -> None:
-    sys.exit(run_cli(main))
+    exit_process(run_cli(main))  # no C++ teardown after gloo (see exit_process)
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Callable, Sequence
+from typing import NoReturn
 
 
 class LmforgeError(Exception):
@@ -38,3 +39,27 @@ def run_cli(main: Callable[[Sequence[str] | None], int | None], argv: Sequence[s
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def exit_process(code: int) -> NoReturn:
+    """End a training process with ``code`` without running C++ static destructors.
+
+    A rank that used gloo sometimes aborts after its work is done ("terminate called without an
+    active exception", SIGABRT: a joinable C++ thread destroyed at exit), and torchrun then reports
+    the finished run as failed. Everything Python would still do is done first: other non-daemon
+    threads are joined, ``atexit`` handlers run (logging, the run lock), stdout and stderr are flushed.
+    """
+    import atexit
+    import os
+    import threading
+
+    for t in threading.enumerate():
+        if t is not threading.main_thread() and not t.daemon:
+            t.join()
+    atexit._run_exitfuncs()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):
+            pass
+    os._exit(code)

@@ -12,7 +12,7 @@ import sys
 from collections.abc import Sequence
 
 from lmforge.config import config_help, dump_yaml, load_config, split_cli
-from lmforge.errors import ConfigError, run_cli
+from lmforge.errors import ConfigError, exit_process, run_cli
 from pretrain.config import PretrainConfig
 
 USAGE = __doc__.strip().splitlines()[0].strip("`")
@@ -91,7 +91,7 @@ def cli() -> None:
     from torch.distributed.elastic.multiprocessing.errors import record
 
     # record: under torchrun, a failing rank's error becomes the job's reported root cause
-    sys.exit(run_cli(record(main)))
+    exit_process(run_cli(record(main)))  # no C++ teardown after gloo (see exit_process)
 
 
 if __name__ == "__main__":
