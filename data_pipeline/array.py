@@ -24,6 +24,8 @@ boundaries differ. Three steps, each its own command:
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -39,6 +41,7 @@ from data_pipeline.shards import DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, Manif
 from data_pipeline.tokenizer import Tokenizer
 from lmforge.errors import DataError
 from lmforge.io import atomic_write_text, fsync_dir
+from lmforge.lock import exclusive
 
 PLAN = "plan.json"
 PARTS = "parts"
@@ -52,7 +55,8 @@ def split_inputs(inputs: Sequence[str], parts: int) -> tuple[list[list[str]], li
     if parts < 1:
         raise DataError(f"--parts {parts}: must be positive")
     pieces: list[tuple[str, int]] = []
-    srcs = sources.expand_inputs(inputs)
+    # absolute paths: a part may run on another machine, from another directory
+    srcs = [dataclasses.replace(s, path=os.path.abspath(s.path)) for s in sources.expand_inputs(inputs)]
     target = max(1, sum(sources.source_bytes(s) for s in srcs) // parts)
     for src in srcs:
         pieces += sources.split_source(src, target)
@@ -83,24 +87,67 @@ def plan_build(inputs: Sequence[str], tokenizer: str | Path, out: str | Path, pa
     inputs = list(inputs) or sources.default_corpus_paths()
     settings = build.make_settings(inputs, tok, **settings)
     specs, weights = split_inputs(inputs, parts)
-    plan = {"format": "lmforge-build-plan", "settings": asdict(settings), "parts": specs, "bytes": weights}
+    plan = {"format": "lmforge-build-plan", "settings": asdict(settings), "parts": specs, "bytes": weights,
+            "files": _identities([spec for part in specs for spec in part])}
     plan = json.loads(json.dumps(plan))
-    if not write:
-        return plan
     if (out / MANIFEST).is_file():
         build.finished_build(out, settings)  # the same build, already done: fine; another one: refused
         return plan
     if (out / PLAN).is_file():
         old = json.loads((out / PLAN).read_text())
         if old != plan:
-            what = "settings" if old.get("settings") != plan["settings"] else "split of the inputs (did an input change?)"
-            raise DataError(f"{out / PLAN} is the plan of another build (its {what} differs); rerun with the "
-                            "arguments that made it, or choose another --out")
+            raise DataError(f"{out / PLAN} is the plan of another build ({plan_difference(old, plan)}); rerun with "
+                            "the arguments that made it, or choose another --out")
+        return plan
+    if not write:
         return plan
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out / TOKENIZER)  # every part and the merge read this copy: the user's may move
     atomic_write_text(out / PLAN, json.dumps(plan, indent=1))
     return plan
+
+
+def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
+    """What differs between two plans, for the user."""
+    if old.get("settings") != new["settings"]:
+        keys = [k for k in new["settings"] if old.get("settings", {}).get(k) != new["settings"][k]]
+        return f"other settings: {', '.join(keys)}"
+    if len(old.get("parts", [])) != len(new["parts"]):
+        return f"{len(old.get('parts', []))} parts, this one {len(new['parts'])}: pass --parts/--array {len(old.get('parts', []))}"
+    changed = [f for f, ident in new["files"].items() if old.get("files", {}).get(f) != ident]
+    if changed:
+        return f"{len(changed)} input file(s) changed since, e.g. {changed[0]}"
+    return "another split of the inputs"
+
+
+def _identities(specs: Sequence[str]) -> dict[str, list[int]]:
+    """(size, mtime in ns) of every input file or directory a plan names: a changed input is refused."""
+    out = {}
+    for spec in specs:
+        path = spec.split("#", 1)[0].removeprefix("hf:")
+        if os.path.exists(path):
+            st = os.stat(path)
+            out[path] = [st.st_size, st.st_mtime_ns]
+    return out
+
+
+def check_inputs(plan: dict[str, Any], specs: Sequence[str]) -> None:
+    """Refuse to build or merge from inputs that changed since the plan (size or modification time)."""
+    now = _identities(specs)
+    for path, ident in now.items():
+        if plan.get("files", {}).get(path, ident) != ident:
+            raise DataError(f"{path} changed since the build was planned (size or modification time); plan the "
+                            "build again into a new --out")
+    for spec in specs:
+        path = spec.split("#", 1)[0].removeprefix("hf:")
+        if path in plan.get("files", {}) and path not in now:
+            raise DataError(f"{path} is gone since the build was planned; restore it or plan again into a new --out")
+
+
+def planned_parts(out: str | Path) -> int | None:
+    """The number of parts of the plan in ``out``, if there is one."""
+    path = Path(out) / PLAN
+    return len(json.loads(path.read_text())["parts"]) if path.is_file() else None
 
 
 def load_plan(out: str | Path) -> dict[str, Any]:
@@ -137,17 +184,27 @@ def build_part(out: str | Path, index: int, workers: int = 1,
     if Tokenizer.load(tok_dir).fingerprint != s["tokenizer_sha256"]:
         raise DataError(f"{tok_dir} is not the tokenizer {out / PLAN} was made with; restore it or plan again "
                         "into a new --out")
-    return build.build_shards(
-        plan["parts"][index], tok_dir, part_dir(out, index), workers=workers, shard_tokens=s["shard_tokens"],
-        val_docs=0, min_chars=s["min_chars"], text_field=s["text_field"], dtype=s["dtype"], progress=False,
-        on_shard=on_shard, allow_empty=True,
-    )
+    check_inputs(plan, plan["parts"][index])
+    d = part_dir(out, index)
+    d.mkdir(parents=True, exist_ok=True)
+    with exclusive(d / ".lock", f"part {index} of {out}"):  # two tasks on one part would delete each other's shards
+        return build.build_shards(
+            plan["parts"][index], tok_dir, d, workers=workers, shard_tokens=s["shard_tokens"], val_docs=0,
+            min_chars=s["min_chars"], text_field=s["text_field"], dtype=s["dtype"], progress=False,
+            on_shard=on_shard, allow_empty=True,
+        )
 
 
 # ---------------------------------------------------------------- 3. merge
 def merge(out: str | Path, rerun_hint: str | None = None) -> dict[str, Any]:
     """Write ``OUT/manifest.json`` from the complete parts; refuses (naming them) while any is not."""
     out = Path(out)
+    load_plan(out)
+    with exclusive(out / ".merge.lock", f"the merge of {out}"):
+        return _merge(out, rerun_hint)
+
+
+def _merge(out: Path, rerun_hint: str | None) -> dict[str, Any]:
     plan = load_plan(out)
     s = build.BuildSettings(**plan["settings"])
     final = build.finished_build(out, s)
@@ -172,8 +229,12 @@ def merge(out: str | Path, rerun_hint: str | None = None) -> dict[str, Any]:
         if any(got.get(k) != v for k, v in expect.items()):
             raise DataError(f"{m.root} was built with other inputs or settings than part {i} of {out / PLAN}; "
                             f"delete {m.root} and run the part again")
-        m.check_sizes("train")
+        try:
+            m.check_sizes("train")
+        except DataError as e:
+            raise DataError(f"{e}; part {i} is damaged: delete {m.root} and run it again") from None
         manifests.append(m)
+    check_inputs(plan, [spec for part in plan["parts"] for spec in part])
 
     for f in [out / HEAD, out / build.VAL_SPILL, *out.glob("val_*.bin")]:  # an interrupted merge's leftovers
         shutil.rmtree(f) if f.is_dir() else f.unlink(missing_ok=True)
@@ -252,6 +313,9 @@ class _HeadWriter:
         carry = np.empty(0, dtype=self.dtype)
         for sh in m.shards("train"):
             data = np.fromfile(sh.path, dtype=self.dtype)
+            if hashlib.sha256(memoryview(data).cast("B")).hexdigest() != sh.sha256:  # re-cut: its hash is not kept
+                raise DataError(f"{sh.path}: sha256 mismatch with {m.root / MANIFEST} (corrupt); delete {m.root} and "
+                                "run the part again")
             buf = np.concatenate([carry, data]) if len(carry) else data
             ends = np.flatnonzero(buf == self.eos) + 1  # every document ends with EOS
             starts = np.concatenate([[0], ends[:-1]])

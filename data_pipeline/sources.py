@@ -151,12 +151,12 @@ def _range_source(spec: str, m: re.Match[str]) -> Source:
     src = _file_source(Path(m["path"]), explicit=True)
     start, stop = int(m["start"]), int(m["stop"])
     want = "parquet" if m["unit"] == "row_groups" else "jsonl"
-    if src.kind != want or src.compression:
-        raise DataError(f"{spec}: #{m['unit']}= ranges apply to {'Parquet' if want == 'parquet' else 'uncompressed JSON lines'} "
-                        "files only (a compressed file is read whole); drop the range")
+    if src.kind != want or (src.compression and start):
+        raise DataError(f"{spec}: #{m['unit']}= ranges apply to {'Parquet' if want == 'parquet' else 'JSON lines'} "
+                        "files only, and in a compressed file only from 0 (it cannot seek); drop the range")
     if start > stop:
         raise DataError(f"{spec}: range start {start} is after its stop {stop}")
-    return Source(src.path, src.kind, None, None, start, stop)
+    return Source(src.path, src.kind, src.compression, None, start, stop)
 
 
 def _expand_dir(root: Path) -> list[Source]:
@@ -282,21 +282,27 @@ def split_source(src: Source, target: int) -> list[tuple[str, int]]:
 def sample_inputs(inputs: Sequence[str | os.PathLike[str]], read_bytes: int, seed: int = 0,
                   piece_bytes: int = 16 << 20) -> list[str]:
     """Input specs for about ``read_bytes`` of the inputs, spread over all of them: each input cut into
-    pieces of about ``piece_bytes`` (files, byte ranges, row groups), a seeded random choice of them,
-    in input order. All of the inputs when they are no larger."""
-    pieces = [p for src in expand_inputs(inputs) for p in split_source(src, piece_bytes)]
+    pieces of about ``piece_bytes`` (files, byte ranges, row groups; of a compressed JSON-lines file, its
+    first ``piece_bytes`` decompressed), a seeded random choice of those that fit, in input order. All of
+    the inputs when they are no larger."""
+    pieces: list[tuple[str, int]] = []
+    for src in expand_inputs(inputs):
+        if src.kind == "jsonl" and src.compression and src.start is None and source_bytes(src) > piece_bytes:
+            pieces.append((f"{src.path}#bytes=0-{piece_bytes}", piece_bytes))  # a prefix: it cannot seek
+        else:
+            pieces += split_source(src, piece_bytes)
     if sum(w for _, w in pieces) <= read_bytes:
         return [spec for spec, _ in pieces]
     order = list(range(len(pieces)))
     random.Random(seed).shuffle(order)
     chosen, total = [], 0
     for i in order:
-        if chosen and total + pieces[i][1] > read_bytes:
+        if total + pieces[i][1] > read_bytes:
             continue  # a piece that would overshoot; a smaller one may still fit
         chosen.append(i)
         total += pieces[i][1]
-        if total >= read_bytes:
-            break
+    if not chosen:  # every piece is larger than the budget: the smallest
+        chosen = [min(range(len(pieces)), key=lambda i: pieces[i][1])]
     return [pieces[i][0] for i in sorted(chosen)]
 
 

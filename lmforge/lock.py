@@ -11,12 +11,14 @@ older than ``STALE_S`` when it was written on another host (whose pids we cannot
 from __future__ import annotations
 
 import atexit
+import contextlib
 import errno
 import json
 import os
 import socket
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from lmforge.errors import LmforgeError
@@ -126,3 +128,23 @@ def _keep_fresh(path: Path) -> None:
 
     threading.Thread(target=beat, name="lmforge-run-dir-lock", daemon=True).start()
     atexit.register(release)
+
+
+@contextlib.contextmanager
+def exclusive(path: str | Path, what: str) -> Iterator[None]:
+    """``flock`` on ``path`` for the ``with`` block, or :class:`LmforgeError` naming ``what`` when another
+    process holds it. Where the filesystem has no flock the block runs unlocked."""
+    import fcntl
+
+    f = open(path, "a+")
+    try:
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise LmforgeError(f"another process is working on {what} ({path} is locked); wait for it to end") from None
+        except OSError as e:
+            if e.errno not in NO_FLOCK:
+                raise
+        yield
+    finally:
+        f.close()  # closing the file releases the lock

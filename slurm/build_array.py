@@ -31,8 +31,8 @@ from typing import Any
 from data_pipeline import array
 from data_pipeline.cli import add_build_options, build_settings, fixed_mmap_threshold
 from lmforge.errors import ConfigError
-from slurm.jobs import OptionParser, parse_time, sbatch_text, split_options, wait
-from slurm.launch import RECORDS, REPO, append_record
+from slurm.jobs import FINAL_STATES, OptionParser, parse_time, sbatch_text, split_options, wait
+from slurm.launch import RECORDS, REPO, append_record, read_records
 from slurm.resources import partition_cores
 
 USAGE = __doc__.strip().splitlines()[0].strip("`")
@@ -114,11 +114,14 @@ def main(argv: Sequence[str]) -> int:
         if v is not None and v < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {v}: must be positive")
     minutes = parse_time(args.time)
-    node_cores = args.cores_per_node or partition_cores(args.partition)
+    # without --cores-per-node, sinfo says how many parts fit a node; --cpus-per-task alone: one part per node
+    node_cores = args.cores_per_node or (None if args.cpus_per_task else partition_cores(args.partition))
     cpus = args.cpus_per_task or min(node_cores, DEFAULT_CPUS_PER_TASK)
-    at_once = args.nodes * max(1, node_cores // cpus)
+    at_once = args.nodes * max(1, node_cores // cpus) if node_cores else args.nodes
     out = Path(b.out).resolve()
-    plan = array.plan_build(b.input, b.tokenizer, out, args.array or at_once, **build_settings(b), write=not args.dry_run)
+    _refuse_while_running(out)
+    parts = args.array or array.planned_parts(out) or at_once  # a resubmission keeps the plan's parts
+    plan = array.plan_build(b.input, b.tokenizer, out, parts, **build_settings(b), write=not args.dry_run)
     n = len(plan["parts"])
     states = array.part_states(out, plan)
     todo = [i for i, st in enumerate(states) if st != "complete"]
@@ -151,6 +154,18 @@ def main(argv: Sequence[str]) -> int:
               f"{' ...' if len(todo) > 20 else ''}), {at_once} at a time x {cpus} core(s); logs {out / RECORDS}/", flush=True)
     print(f"submitted merge job {merge_job.job_id} (after the array) → {out / array.MANIFEST}", flush=True)
     return wait(merge_job, args.poll) if args.wait else 0
+
+
+def _refuse_while_running(out: Path) -> None:
+    """A second submission while the first one's merge has not ended would build its parts twice at once."""
+    from slurm.status import slurm_state  # reads goodput records too: imported when needed
+
+    last = (read_records(out, "jobs.jsonl") or [None])[-1]
+    if last and last.get("merge_job_id"):
+        state = slurm_state(last["merge_job_id"])[0].split(" ")[0]
+        if state not in FINAL_STATES and not state.startswith("UNKNOWN"):
+            raise ConfigError(f"the build of {out} submitted before (merge job {last['merge_job_id']}, array "
+                              f"{last.get('job_id')}) is still {state}; wait for it or scancel both, then submit again")
 
 
 def _executor(args: argparse.Namespace, out: Path, extra: dict[str, str | bool], minutes: int, cpus: int, at_once: int):

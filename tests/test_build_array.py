@@ -148,6 +148,50 @@ def test_merge_refuses_incomplete_parts_and_a_changed_plan(tmp_path, mixed_corpu
         array.plan_build(*args, **SETTINGS, dedup=True)
     with pytest.raises(DataError, match="parts 0 to 3"):
         array.build_part(out, 4)
+    with pytest.raises(DataError, match=r"4 parts, this one 3: pass --parts/--array 4"):
+        array.plan_build(*args[:3], 3, write=False, **SETTINGS)  # also a dry run compares with the plan
+
+
+def test_a_part_is_built_by_one_process_at_a_time_and_changed_inputs_are_refused(tmp_path, mixed_corpus,
+                                                                                  tokenizer_dir):
+    import os
+
+    from lmforge.errors import LmforgeError
+    from lmforge.lock import exclusive
+
+    corpus = tmp_path / "c"
+    corpus.mkdir()
+    for f in sorted((mixed_corpus / "a_text").iterdir())[:8]:
+        (corpus / f.name).write_bytes(f.read_bytes())
+    out = tmp_path / "arr"
+    array.plan_build([str(corpus)], tokenizer_dir, out, 4, **SETTINGS)
+    array.part_dir(out, 1).mkdir(parents=True)
+    with exclusive(array.part_dir(out, 1) / ".lock", "a test"):  # a task still building part 1
+        with pytest.raises(LmforgeError, match="another process is working on part 1"):
+            array.build_part(out, 1)
+    for i in range(4):
+        array.build_part(out, i)
+    victim = sorted(corpus.iterdir())[5]
+    st = victim.stat()
+    os.utime(victim, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, edited later
+    with pytest.raises(DataError, match=f"{victim.name} changed since the build was planned"):
+        array.merge(out)
+    with pytest.raises(DataError, match="1 input file.s. changed since"):
+        array.plan_build([str(corpus)], tokenizer_dir, out, 4, **SETTINGS)
+
+
+def test_a_damaged_shard_of_a_re_cut_part_is_refused_not_rehashed(tmp_path, mixed_corpus, tokenizer_dir):
+    out = tmp_path / "arr"
+    plan = array.plan_build([str(mixed_corpus)], tokenizer_dir, out, 4, **SETTINGS)
+    for i in range(len(plan["parts"])):
+        array.build_part(out, i)
+    shard = sorted(array.part_dir(out, 0).glob("train_*.bin"))[1]  # part 0 holds validation documents
+    data = bytearray(shard.read_bytes())
+    data[10] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(DataError, match=r"train_00001.bin: sha256 mismatch .* delete .*00000 and run the part again"):
+        array.merge(out)
+    assert not (out / "manifest.json").exists()
 
 
 def test_ten_thousand_files_through_a_glob_under_ulimit_256(tmp_path, tokenizer_dir):
@@ -193,3 +237,15 @@ def test_tokenizer_training_reads_a_spread_sample_of_big_inputs(tmp_path, mixed_
     assert cli_main(["train-tokenizer", "--input", str(mixed_corpus), "--read-mb", "0.3", "--vocab-size", "600",
                      "--out", str(out)]) == 0
     assert (out / "tokenizer.model").is_file()
+    # compressed files cannot be cut: a prefix of each is a piece, so big .zst inputs are still spread over
+    big = tmp_path / "zst"
+    big.mkdir()
+    rng = random.Random(0)
+    for k in range(3):  # ~330 KB each, ~190 KB compressed (random letters barely compress)
+        lines = "".join(json.dumps({"text": f"file {k} line {i} " + "".join(rng.choices("abcdefgh ", k=80))}) + "\n"
+                        for i in range(3000))
+        (big / f"p{k}.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines.encode()))
+    specs = sample_inputs([str(big)], read_bytes=60_000, seed=0, piece_bytes=20_000)
+    assert len(specs) == 3 and all(s.endswith("#bytes=0-20000") for s in specs)
+    docs = list(iter_documents(specs))
+    assert {d.split()[1] for d in docs} == {"0", "1", "2"} and 400 < len(docs) < 800

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import stage_env
 from slurm_fixtures import slurm_environ
+from submitit.slurm.slurm import SlurmJob
 
 from data_pipeline import array
 from data_pipeline.build import build_shards
@@ -21,6 +22,7 @@ from data_pipeline.cli import main as data_cli
 from data_pipeline.shards import Manifest
 from lmforge.errors import ConfigError, DataError
 from slurm import submit
+from slurm.jobs import wait
 from slurm.launch import read_records
 
 BUILD = ["--shard-tokens", "20000", "--val-docs", "10", "--val-every", "10"]
@@ -43,16 +45,20 @@ def test_array_of_4_over_2_nodes_with_a_killed_task_builds_the_one_machine_strea
     ref = tmp_path / "one"
     build_shards([str(corpus_dir)], tokenizer_dir, ref, workers=1, shard_tokens=20000, val_docs=10, val_every=10)
     out = tmp_path / "arr"
-    cmd = ["build", "--nodes", "2", "--partition", "debug", "--time", "10", "--array", "4", "--cpus-per-task", "1",
+    # 2 cores per task = a whole node of the test cluster: the first two tasks start on n1 and n2
+    cmd = ["build", "--nodes", "2", "--partition", "debug", "--time", "10", "--array", "4", "--cpus-per-task", "2",
            "--poll", "1", "--input", str(corpus_dir), "--tokenizer", str(tokenizer_dir), "--out", str(out), *BUILD]
 
     monkeypatch.setenv("LMFORGE_BUILD_HOOK", "hooks:kill_part")
     monkeypatch.setenv("LMFORGE_TEST_KILL_PART", "1@2")  # part 1's task dies after its 2nd shard
-    assert submit.main([*cmd, "--wait"]) == 1
+    assert submit.main(cmd) == 0
+    job = read_records(out, "jobs.jsonl")[-1]
+    with pytest.raises(ConfigError, match=f"merge job {job['merge_job_id']}.* is still (PENDING|RUNNING)"):
+        submit.main(cmd)  # a second submission now would build the same parts twice at once
+    assert wait(SlurmJob(folder=out / "slurm", job_id=job["merge_job_id"]), 1) == 1
     err = capsys.readouterr().err
     assert "1 of 4 parts are not complete: 1 (partial)" in err and "submit the same command again" in err
     assert not (out / "manifest.json").exists()
-    job = read_records(out, "jobs.jsonl")[-1]
     assert job["parts"] == [0, 1, 2, 3]
     rows = subprocess.run(["sacct", "-P", "-n", "-o", "JobID,State,NodeList", "-j", job["job_id"]],
                           env=slurm_environ(cluster), capture_output=True, text=True, check=True).stdout.split()
@@ -90,3 +96,8 @@ def test_dry_run_prints_the_plan_and_the_array_and_writes_nothing(tmp_path, corp
         submit.main([*small, "--workers", "3"])
     with pytest.raises(DataError, match="--dedup cannot run as a job array"):
         submit.main([*small, "--dedup"])
+    # --cpus-per-task without --cores-per-node: no sinfo (this partition does not exist), one part per node
+    assert submit.main(["build", "--nodes", "3", "--cpus-per-task", "2", "--partition", "nosuch", "--time", "10",
+                        "--dry-run", "--input", str(corpus_dir), "--tokenizer", str(tokenizer_dir), "--out",
+                        str(tmp_path / "o2")]) == 0
+    assert "#SBATCH --array=0-2%3" in capsys.readouterr().out
