@@ -198,6 +198,9 @@ class FinetuneModule(nn.Module):
                 non_pad = (input_ids != tm.config.pad_token_id).int()
                 last = (torch.arange(input_ids.shape[1], device=h.device) * non_pad).argmax(-1)
                 logits = logits[torch.arange(h.shape[0], device=h.device), last]
+            elif self.pooling == "mean":  # BERT's pooler layer (dense + tanh) on the mean state instead of [CLS]'s
+                pooler = base_of(tm).pooler
+                logits = tm.classifier(tm.dropout(pooler.activation(pooler.dense(mean_pool(h, attention_mask)))))
             else:  # as BertForSequenceClassification: the pooled first token
                 logits = tm.classifier(tm.dropout(out.pooler_output))
             res["logits"] = logits
@@ -446,8 +449,9 @@ def export_task_model(state_dict: dict[str, torch.Tensor], task: Task, backbone:
     if task.labels:
         conf.num_labels = task.num_labels
         conf.update(task.hf_label_maps())
-    if task.name == "sequence_classification" and backbone.model.kind == "causal" and task.cfg.task.pooling == "mean":
-        # transformers' classifier reads the rightmost token: this head was trained on the mean state (lmforge only)
+    if task.name == "sequence_classification" and task.cfg.task.pooling == "mean":
+        # transformers' classifiers read the rightmost (Llama) or first (BERT) token: this head was trained on the
+        # mean state (lmforge only)
         conf.lmforge_pooling = "mean"
     tm = task_model_class(task, backbone.model.kind)(conf)
     sd = {k[len("task_model."):]: v for k, v in state_dict.items() if k.startswith("task_model.")}

@@ -368,7 +368,12 @@ def test_a_causal_classifier_pools_the_last_word_or_a_closing_eos(tmp_path, toke
 
 
 def test_mean_pooling_reads_the_mean_state_of_the_text_whatever_the_padding(tmp_path, tokenizer_dir):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
 
     from finetune.data import read_records
     from finetune.model import FinetuneModule, mean_pool
@@ -392,6 +397,15 @@ def test_mean_pooling_reads_the_mean_state_of_the_text_whatever_the_padding(tmp_
     assert torch.allclose(module(padded, mask, labels=torch.tensor([0]))["logits"], alone, atol=1e-5)
     last = FinetuneModule(mean, module.task_model, "causal", 0.0, None, "last")
     assert not torch.allclose(last(ids, torch.ones_like(ids), labels=torch.tensor([0]))["logits"], alone)
+    # masked: the mean through BERT's pooler
+    bert = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=2,
+                                                    pad_token_id=tok.pad_id)).eval()
+    masked = FinetuneModule(mean, bert, "masked", 0.0, None, "mean").eval()
+    alone = masked(ids, torch.ones_like(ids), labels=torch.tensor([0]))["logits"]
+    assert torch.allclose(masked(padded, mask, labels=torch.tensor([0]))["logits"], alone, atol=1e-5)
+    first = FinetuneModule(mean, bert, "masked", 0.0, None, "last")
+    assert not torch.allclose(first(ids, torch.ones_like(ids), labels=torch.tensor([0]))["logits"], alone)
 
 
 def test_qa_windows_point_at_the_answer(tmp_path, tokenizer_dir):
