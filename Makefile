@@ -37,6 +37,7 @@ demo: setup
 
 # All benchmarks, then bench/REPORT.md; `make bench BENCH_ARGS=--quick` for a smoke run, `--only NAME` for one.
 bench: setup
+	$(PY) -m pip install -q -c $(VENV)/constraints.txt "matplotlib>=3.7"  # bench/transfer.py's plot only
 	$(PY) -m bench $(BENCH_ARGS)
 
 lint: setup

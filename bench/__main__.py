@@ -20,6 +20,7 @@ BENCHMARKS = [
     "model_init",  # peak RSS per rank while building a model: whole vs ZeRO-3 partitioned
     "export_memory",  # peak RSS of the HF export: whole model vs streaming, against the bytes written
     "finetune_memory",  # peak RSS per rank of a 2-rank fine-tune of a ZeRO-3 checkpoint, against the model's bytes
+    "transfer",  # test accuracy vs labelled examples, pretrained vs random init; classifier pooling
 ]
 
 

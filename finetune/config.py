@@ -71,9 +71,12 @@ class TaskConfig:
     tag_scheme: Literal["BIO", "BIOES"] = "BIO"  # token classification: how entity spans are tagged
     # sequence classification with a causal backbone: the token whose state the head reads. "last": the last
     # token of the text; "eos": a closing </s> (in pretraining </s> ends a document, so its state is trained to
-    # predict the next, unrelated one). Both export as transformers' rightmost-token classifier. Masked
-    # backbones read the first token (BERT's pooler) either way.
-    pooling: Literal["last", "eos"] = "last"
+    # predict the next, unrelated one); "mean": the mean state of the text's tokens after <s> (causal: no closing
+    # </s>; masked: through BERT's pooler layer). "last" and "eos" export as transformers' rightmost-token
+    # classifier, and masked backbones otherwise read the first token (BERT's pooler); "mean" applies in lmforge
+    # only (finetune's own evaluation): transformers' classifiers do not pool the mean, so the export's config
+    # records `lmforge_pooling: mean` and its pipeline() scores differ.
+    pooling: Literal["last", "eos", "mean"] = "last"
     packing: bool = False  # sft: pack several examples into one max_seq_len window
     prompt_template: str = "### Instruction:\n{instruction}\n\n### Response:\n"  # sft: {instruction} is filled in
     max_new_tokens: int = 32  # sft: length of the sample generations

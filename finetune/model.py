@@ -162,9 +162,10 @@ def embeddings_of(base: nn.Module) -> list[nn.Module]:
 class FinetuneModule(nn.Module):
     """Backbone + task head (+ the pretrained LM head for ``aux_lm_weight``); returns its loss."""
 
-    def __init__(self, task: Task, task_model: nn.Module, kind: str, aux_weight: float, lm_head: nn.Module | None):
+    def __init__(self, task: Task, task_model: nn.Module, kind: str, aux_weight: float, lm_head: nn.Module | None,
+                 pooling: str = "last"):
         super().__init__()
-        self.task_name, self.kind, self.aux_weight = task.name, kind, aux_weight
+        self.task_name, self.kind, self.aux_weight, self.pooling = task.name, kind, aux_weight, pooling
         self.task_model = task_model
         self.lm_head = lm_head  # causal: Linear(d, V); masked: BERT's MLM head; None without the auxiliary loss
 
@@ -190,11 +191,16 @@ class FinetuneModule(nn.Module):
         h = out.last_hidden_state  # (B, T, d), after the final norm
         res: dict[str, torch.Tensor] = {}
         if self.task_name == "sequence_classification":
-            if self.kind == "causal":  # as LlamaForSequenceClassification: the rightmost non-pad token
+            if self.kind == "causal" and self.pooling == "mean":  # the mean state of the text's tokens (not <s>)
+                logits = tm.score(mean_pool(h, attention_mask))
+            elif self.kind == "causal":  # as LlamaForSequenceClassification: the rightmost non-pad token
                 logits = tm.score(h)
                 non_pad = (input_ids != tm.config.pad_token_id).int()
                 last = (torch.arange(input_ids.shape[1], device=h.device) * non_pad).argmax(-1)
                 logits = logits[torch.arange(h.shape[0], device=h.device), last]
+            elif self.pooling == "mean":  # BERT's pooler layer (dense + tanh) on the mean state instead of [CLS]'s
+                pooler = base_of(tm).pooler
+                logits = tm.classifier(tm.dropout(pooler.activation(pooler.dense(mean_pool(h, attention_mask)))))
             else:  # as BertForSequenceClassification: the pooled first token
                 logits = tm.classifier(tm.dropout(out.pooler_output))
             res["logits"] = logits
@@ -239,6 +245,15 @@ class FinetuneModule(nn.Module):
         h2 = self._hidden(mlm_input_ids, attention_mask, token_type_ids).last_hidden_state
         logits = self.lm_head(h2).float()
         return F.cross_entropy(logits.flatten(0, 1), mlm_labels.flatten(), ignore_index=IGNORE)
+
+
+def mean_pool(h: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The mean hidden state over each row's real tokens after the leading ``<s>`` (B, T, d) → (B, d): every
+    causal state after the first has read ``<s>``, whose own state carries no text."""
+    mask = attention_mask.clone()
+    mask[:, 0] = 0  # <s>
+    mask = mask.to(h.dtype).unsqueeze(-1)
+    return (h * mask).sum(1) / mask.sum(1).clamp(min=1.0)
 
 
 class HFWeights(Mapping[str, torch.Tensor]):
@@ -315,7 +330,7 @@ def build_module(cfg: FinetuneConfig, task: Task, backbone: Backbone, ds_config:
         with construct():
             lm_head = _new_lm_head(kind, conf)
         _fill_lm_head(lm_head, tm, kind, conf, weights, cfg)
-    module = FinetuneModule(task, tm, kind, cfg.transfer.aux_lm_weight, lm_head)
+    module = FinetuneModule(task, tm, kind, cfg.transfer.aux_lm_weight, lm_head, cfg.task.pooling)
     apply_freezing(module, cfg)
     return module
 
@@ -434,6 +449,10 @@ def export_task_model(state_dict: dict[str, torch.Tensor], task: Task, backbone:
     if task.labels:
         conf.num_labels = task.num_labels
         conf.update(task.hf_label_maps())
+    if task.name == "sequence_classification" and task.cfg.task.pooling == "mean":
+        # transformers' classifiers read the rightmost (Llama) or first (BERT) token: this head was trained on the
+        # mean state (lmforge only)
+        conf.lmforge_pooling = "mean"
     tm = task_model_class(task, backbone.model.kind)(conf)
     sd = {k[len("task_model."):]: v for k, v in state_dict.items() if k.startswith("task_model.")}
     load_weights(tm, sd, out)

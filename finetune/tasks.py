@@ -171,7 +171,7 @@ class SequenceClassification(Task):
                                 f"fix the {split} data or list every class in task.labels")
             # a causal model pools its rightmost token (task.pooling): </s> ("eos"), or the last word ("last":
             # no closing </s>, which pretraining taught to forget the document it ends)
-            close = [] if self.kind == "causal" and self.cfg.task.pooling == "last" else [self.vocab.eos]
+            close = [] if self.kind == "causal" and self.cfg.task.pooling in ("last", "mean") else [self.vocab.eos]
             budget = self.cfg.task.max_seq_len - 1 - len(close) - (1 if b is not None else 0)
             a, b = _truncate_pair(a, b, budget)
             ids = [self.vocab.bos, *a, *(close if b is None else [self.vocab.eos])]

@@ -367,6 +367,47 @@ def test_a_causal_classifier_pools_the_last_word_or_a_closing_eos(tmp_path, toke
     assert all(f["input_ids"][-1] == tok.eos_id for f in masked.encode(rows, "train"))  # BERT's [SEP] stays
 
 
+def test_mean_pooling_reads_the_mean_state_of_the_text_whatever_the_padding(tmp_path, tokenizer_dir):
+    from transformers import (
+        BertConfig,
+        BertForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
+
+    from finetune.data import read_records
+    from finetune.model import FinetuneModule, mean_pool
+
+    rows = read_records(fd.classification(tmp_path / "c.csv", 4, 1))
+    mean, tok = _task("sequence_classification", tokenizer_dir, max_seq_len=12, pooling="mean")
+    mean.labels = ["bad", "good"]
+    feats = mean.encode(rows, "train")
+    assert all(f["input_ids"][0] == tok.bos_id and f["input_ids"][-1] != tok.eos_id for f in feats)  # as "last"
+    h = torch.arange(24, dtype=torch.float32).view(2, 3, 4)
+    pooled = mean_pool(h, torch.tensor([[1, 1, 1], [1, 1, 0]]))
+    assert torch.equal(pooled, torch.stack([h[0, 1:].mean(0), h[1, 1]]))  # neither <s> nor padding counts
+    torch.manual_seed(0)
+    conf = LlamaConfig(vocab_size=tok.vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                       num_attention_heads=2, num_labels=2, pad_token_id=tok.pad_id)
+    module = FinetuneModule(mean, LlamaForSequenceClassification(conf).eval(), "causal", 0.0, None, "mean").eval()
+    ids = torch.tensor([feats[0]["input_ids"]])
+    alone = module(ids, torch.ones_like(ids), labels=torch.tensor([0]))["logits"]
+    padded = torch.cat([ids, torch.full((1, 5), tok.pad_id)], 1)
+    mask = torch.cat([torch.ones_like(ids), torch.zeros(1, 5, dtype=ids.dtype)], 1)
+    assert torch.allclose(module(padded, mask, labels=torch.tensor([0]))["logits"], alone, atol=1e-5)
+    last = FinetuneModule(mean, module.task_model, "causal", 0.0, None, "last")
+    assert not torch.allclose(last(ids, torch.ones_like(ids), labels=torch.tensor([0]))["logits"], alone)
+    # masked: the mean through BERT's pooler
+    bert = BertForSequenceClassification(BertConfig(vocab_size=tok.vocab_size, hidden_size=16, num_hidden_layers=1,
+                                                    num_attention_heads=2, intermediate_size=32, num_labels=2,
+                                                    pad_token_id=tok.pad_id)).eval()
+    masked = FinetuneModule(mean, bert, "masked", 0.0, None, "mean").eval()
+    alone = masked(ids, torch.ones_like(ids), labels=torch.tensor([0]))["logits"]
+    assert torch.allclose(masked(padded, mask, labels=torch.tensor([0]))["logits"], alone, atol=1e-5)
+    first = FinetuneModule(mean, bert, "masked", 0.0, None, "last")
+    assert not torch.allclose(first(ids, torch.ones_like(ids), labels=torch.tensor([0]))["logits"], alone)
+
+
 def test_qa_windows_point_at_the_answer(tmp_path, tokenizer_dir):
     from finetune.data import read_squad
 
