@@ -15,7 +15,7 @@ model (``out/demo``; the demo's stages 1-5 run first when it is missing, ``pytho
   closing ``</s>`` (``eos``), pretrained and random init: ``transfer.pooling.{mean,last,eos}.{pretrained,random_init}``.
 
 Every run is a real 2-process fine-tune (``torchrun -m finetune configs/finetune/classify.yaml``) with the
-demo's fine-tuning recipe (``demo.run``: pooling and lr; EXPERIMENTS.md says how they were chosen).
+demo's fine-tuning recipe (``demo.run``: pooling and lr; demo/EXPERIMENTS.md says how they were chosen).
 ``--quick``: 100 and 300 labels, 40 steps, no pooling.
 """
 

@@ -17,7 +17,7 @@ Stages, each skipped when its output is already complete (a re-run continues, it
      text, task.pooling=mean; lr 3e-4; the best validation checkpoint): the pretrained model (full fine-tune),
      the same architecture from random initialisation, the pretrained backbone frozen (a linear probe, lr x10),
      and the pretrained model with the auxiliary language-modelling loss (L = L_task + λ·L_lm); next to the
-     majority class → out/demo/runs/rt_*/metrics.json. EXPERIMENTS.md: how this recipe was chosen.
+     majority class → out/demo/runs/rt_*/metrics.json. demo/EXPERIMENTS.md: how this recipe was chosen.
   7. the summary: the lesson's table on the test split, and where every artefact is
 """
 
@@ -38,7 +38,7 @@ from lmforge.tensorboard import read_scalars
 REPO = Path(__file__).resolve().parents[1]
 PRESET = "configs/pretrain/demo.yaml"
 PROMPT = "The film is"
-# the fine-tuning recipe of the lesson (EXPERIMENTS.md: how it was chosen)
+# the fine-tuning recipe of the lesson (demo/EXPERIMENTS.md: how it was chosen)
 LABELS, POOLING, FT_LR, FT_STEPS = 1000, "mean", 3e-4, 100
 # (run name, what it is, extra fine-tuning arguments); λ is filled in from --aux-lm-weight
 VARIANTS = [

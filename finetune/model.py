@@ -453,6 +453,9 @@ def export_task_model(state_dict: dict[str, torch.Tensor], task: Task, backbone:
         # transformers' classifiers read the rightmost (Llama) or first (BERT) token: this head was trained on the
         # mean state (lmforge only)
         conf.lmforge_pooling = "mean"
+        print0(f"warning: {out}: this classifier reads the mean state (task.pooling=mean), transformers' "
+               f"{'rightmost' if backbone.model.kind == 'causal' else 'first'}-token classifier does not: "
+               "scores of the export through transformers differ from lmforge's (its config says lmforge_pooling: mean)")
     tm = task_model_class(task, backbone.model.kind)(conf)
     sd = {k[len("task_model."):]: v for k, v in state_dict.items() if k.startswith("task_model.")}
     load_weights(tm, sd, out)
