@@ -33,6 +33,7 @@ from bench._train_common import REPO, SCRATCH, SUB_ENV, log, run_tree, torchrun
 from bench.common import RESULTS_DIR, bench_command, emit, print_table, record
 from demo.run import FT_LR, POOLING
 from finetune.rotten_tomatoes import subsample
+from lmforge.rundir import latest_state
 
 NAME = "transfer"
 WHAT_POOLED = {"mean": "the mean state of the text", "last": "the last word", "eos": "a closing </s>"}
@@ -42,7 +43,7 @@ DEMO = REPO / "out" / "demo"
 def ensure_demo() -> tuple[Path, dict[str, Any]]:
     """The demo's pretraining run and task data (stages 1-5 of ``python -m demo`` when missing)."""
     run_dir, info_file = DEMO / "runs" / "pretrain", DEMO / "rotten_tomatoes" / "info.json"
-    if not (run_dir / "checkpoints" / "latest").is_file() or not info_file.is_file():
+    if latest_state(run_dir) is None or not info_file.is_file():
         log(NAME, "no demo run in out/demo: running `python -m demo --no-finetune` first (a few minutes)")
         subprocess.run([sys.executable, "-m", "demo", "--no-finetune"], cwd=REPO, check=True)
     return run_dir, json.loads(info_file.read_text())

@@ -17,6 +17,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+import signal
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -78,6 +79,10 @@ _TOK: Tokenizer | None = None
 
 def _init_worker(tokenizer_path: str) -> None:
     global _TOK
+    # A forked worker inherits the parent's Python signal handlers: under SLURM (submitit) a SIGTERM handler
+    # that only logs, so the pool's terminate() could not end a worker and the build hung at its end.
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGUSR2):
+        signal.signal(sig, signal.SIG_DFL)
     _TOK = Tokenizer.load(tokenizer_path, num_threads=1)  # W workers = W threads, no oversubscription
 
 

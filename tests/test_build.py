@@ -232,3 +232,26 @@ def test_a_document_over_many_shards_resumes_exactly_after_each_interruption(tmp
         assert state["docs_read"] == 1 and state["skip_tokens"] > 0  # stopped inside document b
     build_shards([str(corpus)], tokenizer_dir, out, **kw)
     assert _tree_bytes(out) == _tree_bytes(ref)
+
+
+def _sigterm_is_default() -> bool:
+    import signal
+
+    return signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+
+
+def test_tokenizer_workers_do_not_inherit_the_parents_sigterm_handler(tokenizer_dir):
+    """A SLURM task (submitit) handles SIGTERM in Python and forked workers inherited the handler: the pool's
+    terminate() at the end of a build could not end a worker that was still alive, and the task hung (seen
+    on the test cluster: the parent in waitpid, the worker on the pool's queue lock)."""
+    import multiprocessing as mp
+    import signal
+
+    from data_pipeline import build
+
+    old = signal.signal(signal.SIGTERM, lambda *a: None)
+    try:
+        with mp.get_context("fork").Pool(1, initializer=build._init_worker, initargs=(str(tokenizer_dir),)) as pool:
+            assert pool.apply(_sigterm_is_default)
+    finally:
+        signal.signal(signal.SIGTERM, old)
