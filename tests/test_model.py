@@ -24,7 +24,7 @@ from pretrain.model import (
 
 PRESETS = Path(__file__).resolve().parents[1] / "configs" / "pretrain"
 PRESET_NAMES = sorted(p.stem for p in PRESETS.glob("*.yaml") if not p.name.startswith("_"))
-TOKENIZER_VOCAB = {"tiny": 1024, "small": 8192}  # presets that take vocab_size from the tokenizer
+TOKENIZER_VOCAB = {"tiny": 1024, "small": 8192, "demo": 4096}  # presets that take vocab_size from the tokenizer
 
 TINY_CAUSAL = ModelConfig(hidden_size=32, num_layers=2, num_heads=4, num_kv_heads=2, max_seq_len=64)
 TINY_MASKED = ModelConfig(kind="masked", hidden_size=32, num_layers=2, num_heads=4, max_seq_len=64, dropout=0.1)

@@ -16,7 +16,7 @@ import pytest
 from conftest import REPO, run_stage, stage_env
 
 PRESETS = sorted(p.stem for p in (REPO / "configs" / "pretrain").glob("*.yaml") if not p.stem.startswith("_"))
-SMALL = {"tiny", "small"}  # CPU presets: short runs, no interval saves needed
+SMALL = {"tiny", "small", "demo"}  # CPU presets: short runs, no interval saves needed
 RANKS = (1, 2, 8, 24, 32, 64, 256)
 
 
