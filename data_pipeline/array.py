@@ -37,7 +37,7 @@ from typing import Any
 import numpy as np
 
 from data_pipeline import build, sources
-from data_pipeline.shards import DTYPES, FORMAT, FORMAT_VERSION, MANIFEST, Manifest, manifest_fingerprint
+from data_pipeline.shards import DTYPES, MANIFEST, Manifest
 from data_pipeline.tokenizer import Tokenizer
 from lmforge.errors import DataError
 from lmforge.io import atomic_write_text, fsync_dir
@@ -120,11 +120,16 @@ def plan_difference(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "another split of the inputs"
 
 
+def _spec_path(spec: str) -> str:
+    """The file or directory an input spec names (without its range or ``hf:``)."""
+    return spec.split("#", 1)[0].removeprefix("hf:")
+
+
 def _identities(specs: Sequence[str]) -> dict[str, list[int]]:
     """(size, mtime in ns) of every input file or directory a plan names: a changed input is refused."""
     out = {}
     for spec in specs:
-        path = spec.split("#", 1)[0].removeprefix("hf:")
+        path = _spec_path(spec)
         if os.path.exists(path):
             st = os.stat(path)
             out[path] = [st.st_size, st.st_mtime_ns]
@@ -138,8 +143,7 @@ def check_inputs(plan: dict[str, Any], specs: Sequence[str]) -> None:
         if plan.get("files", {}).get(path, ident) != ident:
             raise DataError(f"{path} changed since the build was planned (size or modification time); plan the "
                             "build again into a new --out")
-    for spec in specs:
-        path = spec.split("#", 1)[0].removeprefix("hf:")
+    for path in map(_spec_path, specs):
         if path in plan.get("files", {}) and path not in now:
             raise DataError(f"{path} is gone since the build was planned; restore it or plan again into a new --out")
 
@@ -260,29 +264,12 @@ def _merge(out: Path, rerun_hint: str | None) -> dict[str, Any]:
     for m in manifests:
         for k, v in m.data["stats"].items():
             stats[k] = stats.get(k, 0) + int(v)
-    stats["files"] = len({spec.split("#", 1)[0] for part in plan["parts"] for spec in part})
+    stats["files"] = len({_spec_path(spec) for part in plan["parts"] for spec in part})
     if not sum(x["tokens"] for x in train):
         raise DataError(f"no training tokens: every document of {', '.join(s.inputs)} was empty, filtered or held out "
                         f"({stats.get('empty_skipped', 0)} empty, {stats.get('short_skipped', 0)} short)")
-    manifest: dict[str, Any] = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        "dtype": s.dtype,
-        "tokenizer": {"sha256": tok.fingerprint, "vocab_size": tok.vocab_size, "eos_id": tok.eos_id,
-                      "bos_id": tok.bos_id, "pad_id": tok.pad_id},
-        "splits": {"train": build.split_summary(train), "val": build.split_summary(val)},
-        "stats": stats,
-        "build": json.loads(json.dumps(asdict(s))),
-        "array": {"parts": len(manifests), "head_parts": head.parts},
-        "seconds": round(sum(float(m.data.get("seconds", 0)) for m in manifests), 3),
-    }
-    manifest["fingerprint"] = manifest_fingerprint(manifest)
-    if s.seq_len is not None:
-        for split in ("train", "val"):
-            n = manifest["splits"][split]["tokens"]
-            if n and n < s.seq_len + 1:
-                raise DataError(f"--seq-len {s.seq_len} is longer than the data: the {split} split has {n} tokens "
-                                f"(needs at least {s.seq_len + 1}); use a shorter --seq-len or more data")
+    manifest = build.make_manifest(s, tok, train, val, stats, sum(float(m.data.get("seconds", 0)) for m in manifests),
+                                   extra={"array": {"parts": len(manifests), "head_parts": head.parts}})
     fsync_dir(out)
     atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
     (out / build.VAL_SPILL).unlink(missing_ok=True)
@@ -302,10 +289,6 @@ class _HeadWriter:
         (out / HEAD).mkdir(parents=True, exist_ok=True)
         self.val = open(out / build.VAL_SPILL, "wb")
 
-    def _is_val(self, k: np.ndarray) -> np.ndarray:
-        e = self.s.val_every
-        return (k % e == e - 1) & (k // e < self.s.val_docs)
-
     def resplit(self, m: Manifest, first_kept: int) -> None:
         """Route part ``m``'s documents (global kept indices from ``first_kept``) to val or head shards."""
         self.parts += 1
@@ -320,7 +303,7 @@ class _HeadWriter:
             ends = np.flatnonzero(buf == self.eos) + 1  # every document ends with EOS
             starts = np.concatenate([[0], ends[:-1]])
             pos = 0
-            for j in np.flatnonzero(self._is_val(k + np.arange(len(ends)))):
+            for j in np.flatnonzero(build.is_held_out(k + np.arange(len(ends)), self.s)):
                 self._train(buf[pos : starts[j]])
                 self.val.write(buf[starts[j] : ends[j]].tobytes())
                 pos = ends[j]

@@ -313,8 +313,7 @@ def _run(settings, srcs, tok, out, p: _Progress, stats, workers: int, progress: 
                 seen.add(h)
             k = counters["kept"]
             counters["kept"] += 1
-            # every val_every-th kept document is held out; k // val_every of them came before k
-            is_val = k % settings.val_every == settings.val_every - 1 and k // settings.val_every < settings.val_docs
+            is_val = bool(is_held_out(k, settings))
             yield i, is_val, text
 
     stream = filtered()
@@ -409,6 +408,20 @@ def _finalize(out: Path, s: BuildSettings, tok: Tokenizer, p: _Progress, stats, 
             f"no training tokens: every document of {', '.join(s.inputs)} was empty, filtered or held out "
             f"({stats.empty_skipped} empty, {stats.short_skipped} short, {p.dup_docs} duplicates)"
         )
+    stats_all = {**stats.as_dict(), "kept_documents": p.kept_docs, "duplicate_documents": p.dup_docs}
+    manifest = make_manifest(s, tok, p.train_shards, val_shards, stats_all, seconds)
+    tok.save(out / "tokenizer")  # the shard dir describes itself: inspect/pretrain need only its path
+    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
+    for name in (PROGRESS, VAL_SPILL):
+        (out / name).unlink(missing_ok=True)
+    fsync_dir(out)
+    return manifest
+
+
+def make_manifest(s: BuildSettings, tok: Tokenizer, train: list[dict[str, Any]], val: list[dict[str, Any]],
+                  stats: dict[str, int], seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of a finished build (``extra``: further top-level entries); refuses a ``seq_len`` longer
+    than a split."""
     manifest: dict[str, Any] = {
         "format": FORMAT,
         "format_version": FORMAT_VERSION,
@@ -420,12 +433,10 @@ def _finalize(out: Path, s: BuildSettings, tok: Tokenizer, p: _Progress, stats, 
             "bos_id": tok.bos_id,
             "pad_id": tok.pad_id,
         },
-        "splits": {
-            "train": split_summary(p.train_shards),
-            "val": split_summary(val_shards),
-        },
-        "stats": {**stats.as_dict(), "kept_documents": p.kept_docs, "duplicate_documents": p.dup_docs},
+        "splits": {"train": split_summary(train), "val": split_summary(val)},
+        "stats": stats,
         "build": json.loads(json.dumps(asdict(s))),
+        **(extra or {}),
         "seconds": round(seconds, 3),
     }
     manifest["fingerprint"] = manifest_fingerprint(manifest)
@@ -437,12 +448,13 @@ def _finalize(out: Path, s: BuildSettings, tok: Tokenizer, p: _Progress, stats, 
                     f"--seq-len {s.seq_len} is longer than the data: the {split} split has {n} tokens "
                     f"(needs at least {s.seq_len + 1}); use a shorter --seq-len or more data"
                 )
-    tok.save(out / "tokenizer")  # the shard dir describes itself: inspect/pretrain need only its path
-    atomic_write_text(out / MANIFEST, json.dumps(manifest, indent=1))
-    for name in (PROGRESS, VAL_SPILL):
-        (out / name).unlink(missing_ok=True)
-    fsync_dir(out)
     return manifest
+
+
+def is_held_out(k, s: BuildSettings):
+    """Whether kept document ``k`` (an int, or an array of them) is a validation document: every
+    ``val_every``-th kept one, until ``val_docs`` of them."""
+    return (k % s.val_every == s.val_every - 1) & (k // s.val_every < s.val_docs)
 
 
 def split_summary(shards: list[dict[str, Any]]) -> dict[str, Any]:
