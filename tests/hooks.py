@@ -196,7 +196,7 @@ class SlowSave(Callback):
     ``LMFORGE_TEST_TIMELINE=DIR``, every rank appends to ``DIR/rank<R>.jsonl`` the wall time of each step's
     end (``{"event": "step", "step"}``) and of the start and end of each background write (``"write_start"``,
     ``"write_end"``, ``"step"``: the checkpoint's). A test hook: lmforge's code has no branch for it (it
-    wraps :func:`pretrain.checkpoint._write_snapshot` and ``_fsync_own``, the writer thread's steps)."""
+    wraps :func:`pretrain.async_save._write_snapshot` and ``_fsync_own``, the writer thread's steps)."""
 
     def __init__(self, delays: dict[str, float], timeline: str | None):
         import threading
@@ -216,7 +216,7 @@ class SlowSave(Callback):
     def on_train_start(self, trainer) -> None:
         import time
 
-        import pretrain.checkpoint as ckpt
+        import pretrain.async_save as ckpt
         from lmforge.rundir import step_of
 
         self.rank = trainer.dist.rank

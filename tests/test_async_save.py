@@ -136,7 +136,7 @@ def test_sigkill_during_a_background_write_resumes_exactly_from_the_previous_che
 def test_a_snapshot_is_written_byte_for_byte_as_torch_save_writes(tmp_path):
     """In process: what a background save writes (host copies of the storages, replayed later) is the file
     torch.save writes, views, shared storages, dtypes and parameters included; later updates do not leak in."""
-    from pretrain.checkpoint import HostBuffers, _replay, _snapshot, background_save_problem
+    from pretrain.async_save import HostBuffers, _replay, _snapshot, background_save_problem
 
     base = torch.arange(24, dtype=torch.float32)
     obj = {"view": base[4:10], "whole": base, "bf16": torch.ones(3, dtype=torch.bfloat16),
