@@ -1,22 +1,26 @@
 """Where pretraining matters most: Rotten Tomatoes test accuracy against the number of labelled examples,
 pretrained vs random init, and which token a causal classifier should pool.
 
-``python -m bench.transfer [--quick] [--labels 100 300 1000 0]`` — on the demo's data and pretrained
-model (``out/demo``; the demo's stages 1-5 run first when it is missing, ``python -m demo --no-finetune``):
+``python -m bench.transfer [--quick] [--labels 100 300 1000 3000 0] [--seeds 1234 7]`` — on the demo's data
+and pretrained model (``out/demo``; the demo's stages 1-5 run first when it is missing,
+``python -m demo --no-finetune``):
 
 * **few labels**: for each count n (0 = every training sentence), the first n of a seeded shuffle of
   the training split, fine-tuned from the pretrained model and from random initialisation with the same
-  budget (``max(--min-steps, 3 epochs)`` steps of batch 32, the best validation checkpoint), test accuracy
-  on the whole test split; records ``transfer.labels.n<N>.{pretrained,random_init}`` (the latter compared
-  with the former) and a PNG plot, bench/results/transfer.png (when matplotlib is installed:
-  ``make bench`` installs it);
-* **pooling** (causal backbones): every training sentence, pooled as the mean state of the text's tokens
-  (``task.pooling=mean``, the demo's), at the last word of the text (``last``, finetune's default) and at a
-  closing ``</s>`` (``eos``), pretrained and random init: ``transfer.pooling.{mean,last,eos}.{pretrained,random_init}``.
+  budget (``max(--min-steps, 3 epochs)`` steps of batch 32, the best validation checkpoint), once per
+  fine-tuning seed (``train.seed``: head init, batch order): the mean test accuracy on the whole test split,
+  each seed's in the record's config; records ``transfer.labels.n<N>.{pretrained,random_init}`` (the latter
+  compared with the former) and a PNG plot, bench/results/transfer.png (when matplotlib is installed:
+  ``make bench`` installs it), means with each seed's points;
+* **pooling** (causal backbones), at the demo's budget (its labelled sentences and steps), every seed: the
+  mean state of the text's tokens (``task.pooling=mean``, the demo's), the last word of the text (``last``,
+  finetune's default) and a closing ``</s>`` (``eos``), pretrained and random init:
+  ``transfer.pooling.{mean,last,eos}.{pretrained,random_init}``.
 
 Every run is a real 2-process fine-tune (``torchrun -m finetune configs/finetune/classify.yaml``) with the
-demo's fine-tuning recipe (``demo.run``: pooling and lr; demo/EXPERIMENTS.md says how they were chosen).
-``--quick``: 100 and 300 labels, 40 steps, no pooling.
+demo's fine-tuning recipe (``demo.run``: pooling, lr and steps; demo/EXPERIMENTS.md says how they were chosen).
+One fine-tune takes ~1 minute on 2 cores (100 steps) to ~3 (every sentence, 846 steps): the defaults run
+~40 fine-tunes. ``--quick``: 100 and 300 labels, 40 steps, one seed, no pooling.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 
 from bench._train_common import REPO, SCRATCH, SUB_ENV, log, run_tree, torchrun
 from bench.common import RESULTS_DIR, bench_command, emit, print_table, record
-from demo.run import FT_LR, POOLING
+from demo.run import FT_LR, FT_STEPS, LABELS, POOLING
 from finetune.rotten_tomatoes import subsample
 from lmforge.rundir import latest_state
 
@@ -64,7 +68,18 @@ def finetune(run: Path, init: Path, info: dict[str, Any], train: Path, steps: in
             "command": "torchrun --nproc_per_node 2 -m finetune " + " ".join(args)}
 
 
-def plot(points: dict[str, list[tuple[int, float]]], majority: float, out: Path) -> str | None:
+def seeds_run(run: Path, init: Path, info: dict[str, Any], train: Path, steps: int, extra: list[str],
+              seeds: list[int]) -> dict[str, Any]:
+    """One fine-tune per seed: the mean test accuracy, and each run's."""
+    runs = [finetune(run.with_name(f"{run.name}_s{seed}"), init, info, train, steps, [*extra, f"--train.seed={seed}"])
+            for seed in seeds]
+    accs = [r["accuracy"] for r in runs]
+    return {"accuracy": sum(accs) / len(accs), "seeds": seeds, "accuracies": accs, "steps": runs[0]["steps"],
+            "lr": runs[0]["lr"], "seconds": round(sum(r["seconds"] for r in runs), 1),
+            "command": runs[0]["command"].replace(f"--train.seed={seeds[0]}", "--train.seed=SEED")}
+
+
+def plot(points: dict[str, list[tuple[int, list[float]]]], majority: float, out: Path) -> str | None:
     try:
         import matplotlib
 
@@ -74,12 +89,14 @@ def plot(points: dict[str, list[tuple[int, float]]], majority: float, out: Path)
         return None
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, pts in points.items():
-        ax.plot([n for n, _ in pts], [a for _, a in pts], marker="o", label=name)
+        line, = ax.plot([n for n, _ in pts], [sum(a) / len(a) for _, a in pts], marker="o", label=f"{name} (mean)")
+        ax.scatter([n for n, accs in pts for _ in accs], [a for _, accs in pts for a in accs], s=12, alpha=0.5,
+                   color=line.get_color())
     ax.axhline(majority, color="gray", linestyle="--", label="majority class")
     ax.set_xscale("log")
     ax.set_xlabel("labelled training sentences")
     ax.set_ylabel("test accuracy")
-    ax.set_title("Rotten Tomatoes: pretrained vs random init")
+    ax.set_title("Rotten Tomatoes: pretrained vs random init (dots: each fine-tuning seed)", fontsize=9)
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
@@ -90,39 +107,45 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m bench.{NAME}", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--labels", type=int, nargs="+", default=None, help="labelled examples per run (0 = all)")
-    ap.add_argument("--min-steps", type=int, default=150)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds of every point (train.seed)")
+    ap.add_argument("--min-steps", type=int, default=FT_STEPS, help="fewest fine-tuning steps (default: the demo's)")
+    ap.add_argument("--no-pooling", action="store_true", help="skip the pooling comparison")
     a = ap.parse_args(argv)
-    labels = a.labels or ([100, 300] if a.quick else [100, 300, 1000, 0])
+    labels = a.labels or ([100, 300] if a.quick else [100, 300, 1000, 3000, 0])
+    seeds = a.seeds or ([1234] if a.quick else [1234, 7])
     run_dir, info = ensure_demo()
     scratch = SCRATCH / NAME
     scratch.mkdir(parents=True, exist_ok=True)
     total = info["train"]["rows"]
     recs: list[dict[str, Any]] = []
-    points: dict[str, list[tuple[int, float]]] = {"pretrained": [], "random init": []}
+    points: dict[str, list[tuple[int, list[float]]]] = {"pretrained": [], "random init": []}
+    done: dict[tuple[int, int, str], dict[str, Any]] = {}  # the demo's pooling at the demo's budget: run once
     for n in labels:
         count = n or total
         train = subsample(Path(info["train"]["path"]), n, scratch / f"train_{count}.csv")
         steps = 40 if a.quick else max(a.min_steps, -(-3 * count // 32))
         base = None
         for key, extra in (("pretrained", []), ("random_init", ["--transfer.random_init=true"])):
-            log(NAME, f"{count} labels, {key}, {steps} steps")
-            r = finetune(scratch / f"n{count}_{key}", run_dir, info, train, steps, [f"--task.pooling={POOLING}", *extra])
+            log(NAME, f"{count} labels, {key}, {steps} steps, seeds {seeds}")
+            r = seeds_run(scratch / f"n{count}_{key}", run_dir, info, train, steps, [f"--task.pooling={POOLING}", *extra],
+                          seeds)
+            done[(count, steps, key)] = r
             rec = record(f"{NAME}.labels.n{count}.{key}", "accuracy", r["accuracy"], "fraction", base, config={
                 "what": f"RT test accuracy ({info['test']['rows']} sentences of unseen movies) after fine-tuning on "
                         f"{count} labelled sentences, {key.replace('_', ' ')}", "labels": count, **r})
             base = base or rec
             recs.append(rec)
-            points["pretrained" if key == "pretrained" else "random init"].append((count, r["accuracy"]))
-    if not a.quick:
-        steps = max(a.min_steps, -(-3 * total // 32))
+            points["pretrained" if key == "pretrained" else "random init"].append((count, r["accuracies"]))
+    if not (a.quick or a.no_pooling):
+        train = subsample(Path(info["train"]["path"]), LABELS, scratch / f"train_{LABELS}.csv")
         for pool in ("mean", "last", "eos"):
             for key, extra in (("pretrained", []), ("random_init", ["--transfer.random_init=true"])):
-                log(NAME, f"pooling {pool}, {key}")
-                r = finetune(scratch / f"pool_{pool}_{key}", run_dir, info, Path(info["train"]["path"]), steps,
-                             [f"--task.pooling={pool}", *extra])
+                log(NAME, f"pooling {pool}, {key}, seeds {seeds}")
+                r = (done.get((LABELS, FT_STEPS, key)) if pool == POOLING else None) or seeds_run(
+                    scratch / f"pool_{pool}_{key}", run_dir, info, train, FT_STEPS, [f"--task.pooling={pool}", *extra], seeds)
                 recs.append(record(f"{NAME}.pooling.{pool}.{key}", "accuracy", r["accuracy"], "fraction", config={
-                    "what": f"RT test accuracy, every training sentence, causal classifier pooling "
-                            f"{WHAT_POOLED[pool]}, {key.replace('_', ' ')}",
+                    "what": f"RT test accuracy, the demo's budget ({LABELS} labelled sentences, {FT_STEPS} steps), "
+                            f"causal classifier pooling {WHAT_POOLED[pool]}, {key.replace('_', ' ')}",
                     **r}))
     png = plot(points, info["majority_test_accuracy"], RESULTS_DIR / f"{NAME}.png")
     recs.append(record(f"{NAME}.majority_class", "accuracy", info["majority_test_accuracy"], "fraction", config={
