@@ -8,9 +8,10 @@ and pretrained model (``out/demo``; the demo's stages 1-5 run first when it is m
 * **few labels**: for each count n (0 = every training sentence), the first n of a seeded shuffle of
   the training split, fine-tuned from the pretrained model and from random initialisation with the same
   budget (``max(--min-steps, 3 epochs)`` steps of batch 32, the best validation checkpoint), once per
-  fine-tuning seed (``train.seed``: head init, batch order): the mean test accuracy on the whole test split,
+  fine-tuning seed (``train.seed`` and ``data.seed``: head init, batch order, the 400 validation sentences that
+  pick the best checkpoint; seed 1234 is the demo's own run): the mean test accuracy on the whole test split,
   each seed's in the record's config; records ``transfer.labels.n<N>.{pretrained,random_init}`` (the latter
-  compared with the former) and a PNG plot, bench/results/transfer.png (when matplotlib is installed:
+  compared with the former) and a PNG plot, bench/transfer.png (when matplotlib is installed:
   ``make bench`` installs it), means with each seed's points;
 * **pooling** (causal backbones), at the demo's budget (its labelled sentences and steps), every seed: the
   mean state of the text's tokens (``task.pooling=mean``, the demo's), the last word of the text (``last``,
@@ -20,7 +21,7 @@ and pretrained model (``out/demo``; the demo's stages 1-5 run first when it is m
 Every run is a real 2-process fine-tune (``torchrun -m finetune configs/finetune/classify.yaml``) with the
 demo's fine-tuning recipe (``demo.run``: pooling, lr and steps; demo/EXPERIMENTS.md says how they were chosen).
 One fine-tune takes ~1 minute on 2 cores (100 steps) to ~3 (every sentence, 846 steps): the defaults run
-~40 fine-tunes. ``--quick``: 100 and 300 labels, 40 steps, one seed, no pooling.
+28 fine-tunes (~45 minutes). ``--quick``: 100 and 300 labels, 40 steps, one seed, no pooling.
 """
 
 from __future__ import annotations
@@ -35,31 +36,32 @@ from typing import Any
 
 from bench._train_common import REPO, SCRATCH, SUB_ENV, log, run_tree, torchrun
 from bench.common import RESULTS_DIR, bench_command, emit, print_table, record
-from demo.run import FT_LR, FT_STEPS, LABELS, POOLING
-from finetune.rotten_tomatoes import subsample
+from demo.run import FT_LR, FT_STEPS, LABELS, POOLING, finetune_args
+from finetune.rotten_tomatoes import load_info, subsample
 from lmforge.rundir import latest_state
+from pretrain.engine import resolve_precision
 
 NAME = "transfer"
+REPORT_DIR = Path(__file__).resolve().parent
 WHAT_POOLED = {"mean": "the mean state of the text", "last": "the last word", "eos": "a closing </s>"}
 DEMO = REPO / "out" / "demo"
 
 
 def ensure_demo() -> tuple[Path, dict[str, Any]]:
     """The demo's pretraining run and task data (stages 1-5 of ``python -m demo`` when missing)."""
-    run_dir, info_file = DEMO / "runs" / "pretrain", DEMO / "rotten_tomatoes" / "info.json"
-    if latest_state(run_dir) is None or not info_file.is_file():
+    run_dir = DEMO / "runs" / "pretrain"
+    if latest_state(run_dir) is None or load_info(DEMO / "rotten_tomatoes") is None:
         log(NAME, "no demo run in out/demo: running `python -m demo --no-finetune` first (a few minutes)")
         subprocess.run([sys.executable, "-m", "demo", "--no-finetune"], cwd=REPO, check=True)
-    return run_dir, json.loads(info_file.read_text())
+    return run_dir, load_info(DEMO / "rotten_tomatoes")  # type: ignore[return-value]
 
 
-def finetune(run: Path, init: Path, info: dict[str, Any], train: Path, steps: int, extra: list[str]) -> dict[str, Any]:
+def finetune(run: Path, init: Path, info: dict[str, Any], train: Path, steps: int, pooling: str, extra: list[str]
+             ) -> dict[str, Any]:
+    """One fine-tune of the demo's recipe (demo.run.finetune_args: pooling, lr, precision, validation)."""
     shutil.rmtree(run, ignore_errors=True)
-    args = ["configs/finetune/classify.yaml", f"--run_dir={run}", f"--init_from={init}", f"--data.train={train}",
-            f"--data.validation={info['validation']['path']}", f"--data.test={info['test']['path']}",
-            f"--train.max_steps={steps}", "--task.max_seq_len=64", "--precision=fp32",
-            "--data.max_validation_examples=400", f"--train.eval_every={max(10, steps // 4)}", "--train.log_every=50",
-            f"--optim.lr={FT_LR:g}", *extra]
+    args = finetune_args(run, init, info, train, [f"--train.max_steps={steps}"], pooling, FT_LR,
+                         resolve_precision("auto"), extra)
     r = run_tree(torchrun(2, "finetune", args), env=SUB_ENV)
     if r["returncode"]:
         raise SystemExit(f"[bench.{NAME}] fine-tune {run.name} failed:\n{r['output'][-3000:]}")
@@ -68,15 +70,15 @@ def finetune(run: Path, init: Path, info: dict[str, Any], train: Path, steps: in
             "command": "torchrun --nproc_per_node 2 -m finetune " + " ".join(args)}
 
 
-def seeds_run(run: Path, init: Path, info: dict[str, Any], train: Path, steps: int, extra: list[str],
+def seeds_run(run: Path, init: Path, info: dict[str, Any], train: Path, steps: int, pooling: str, extra: list[str],
               seeds: list[int]) -> dict[str, Any]:
     """One fine-tune per seed: the mean test accuracy, and each run's."""
-    runs = [finetune(run.with_name(f"{run.name}_s{seed}"), init, info, train, steps, [*extra, f"--train.seed={seed}"])
-            for seed in seeds]
+    runs = [finetune(run.with_name(f"{run.name}_s{seed}"), init, info, train, steps, pooling,
+                     [*extra, f"--train.seed={seed}", f"--data.seed={seed}"]) for seed in seeds]
     accs = [r["accuracy"] for r in runs]
     return {"accuracy": sum(accs) / len(accs), "seeds": seeds, "accuracies": accs, "steps": runs[0]["steps"],
             "lr": runs[0]["lr"], "seconds": round(sum(r["seconds"] for r in runs), 1),
-            "command": runs[0]["command"].replace(f"--train.seed={seeds[0]}", "--train.seed=SEED")}
+            "command": runs[0]["command"].replace(f"seed={seeds[0]}", "seed=SEED")}
 
 
 def plot(points: dict[str, list[tuple[int, list[float]]]], majority: float, out: Path) -> str | None:
@@ -100,14 +102,14 @@ def plot(points: dict[str, list[tuple[int, list[float]]]], majority: float, out:
     ax.legend()
     fig.tight_layout()
     fig.savefig(out, dpi=100)
-    return str(out)
+    return str(out.relative_to(REPO)) if out.is_relative_to(REPO) else str(out)
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog=f"python -m bench.{NAME}", description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--labels", type=int, nargs="+", default=None, help="labelled examples per run (0 = all)")
-    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds of every point (train.seed)")
+    ap.add_argument("--seeds", type=int, nargs="+", default=None, help="fine-tuning seeds of every point (train.seed, data.seed)")
     ap.add_argument("--min-steps", type=int, default=FT_STEPS, help="fewest fine-tuning steps (default: the demo's)")
     ap.add_argument("--no-pooling", action="store_true", help="skip the pooling comparison")
     a = ap.parse_args(argv)
@@ -127,8 +129,7 @@ def main(argv: list[str] | None = None) -> int:
         base = None
         for key, extra in (("pretrained", []), ("random_init", ["--transfer.random_init=true"])):
             log(NAME, f"{count} labels, {key}, {steps} steps, seeds {seeds}")
-            r = seeds_run(scratch / f"n{count}_{key}", run_dir, info, train, steps, [f"--task.pooling={POOLING}", *extra],
-                          seeds)
+            r = seeds_run(scratch / f"n{count}_{key}", run_dir, info, train, steps, POOLING, extra, seeds)
             done[(count, steps, key)] = r
             rec = record(f"{NAME}.labels.n{count}.{key}", "accuracy", r["accuracy"], "fraction", base, config={
                 "what": f"RT test accuracy ({info['test']['rows']} sentences of unseen movies) after fine-tuning on "
@@ -142,12 +143,13 @@ def main(argv: list[str] | None = None) -> int:
             for key, extra in (("pretrained", []), ("random_init", ["--transfer.random_init=true"])):
                 log(NAME, f"pooling {pool}, {key}, seeds {seeds}")
                 r = (done.get((LABELS, FT_STEPS, key)) if pool == POOLING else None) or seeds_run(
-                    scratch / f"pool_{pool}_{key}", run_dir, info, train, FT_STEPS, [f"--task.pooling={pool}", *extra], seeds)
+                    scratch / f"pool_{pool}_{key}", run_dir, info, train, FT_STEPS, pool, extra, seeds)
                 recs.append(record(f"{NAME}.pooling.{pool}.{key}", "accuracy", r["accuracy"], "fraction", config={
                     "what": f"RT test accuracy, the demo's budget ({LABELS} labelled sentences, {FT_STEPS} steps), "
                             f"causal classifier pooling {WHAT_POOLED[pool]}, {key.replace('_', ' ')}",
                     **r}))
-    png = plot(points, info["majority_test_accuracy"], RESULTS_DIR / f"{NAME}.png")
+    # a full run's plot is committed next to REPORT.md, which shows it; a quick run's stays with its JSON
+    png = plot(points, info["majority_test_accuracy"], (RESULTS_DIR if a.quick else REPORT_DIR) / f"{NAME}.png")
     recs.append(record(f"{NAME}.majority_class", "accuracy", info["majority_test_accuracy"], "fraction", config={
         "what": "the majority class of the training split, on the test split", "plot": png or
         "not drawn: matplotlib is not installed (make bench installs it)"}))

