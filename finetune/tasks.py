@@ -153,6 +153,12 @@ class SequenceClassification(Task):
                 raise DataError(f"{ex.source}: label {lab!r} is not one of task.labels {self.labels}; "
                                 "fix the data or the task.labels key")
 
+    @property
+    def closes_with_eos(self) -> bool:
+        """Whether a text ends with ``</s>``: always for a masked model (BERT's [SEP]); for a causal one only
+        when its head reads that token (``task.pooling=eos``)."""
+        return not (self.kind == "causal" and self.cfg.task.pooling in ("last", "mean"))
+
     def encode(self, examples: list[Example], split: str) -> list[dict[str, Any]]:
         d = self.cfg.data
         texts = [str(column(ex, d.text_column)) for ex in examples]
@@ -171,7 +177,7 @@ class SequenceClassification(Task):
                                 f"fix the {split} data or list every class in task.labels")
             # a causal model pools its rightmost token (task.pooling): </s> ("eos"), or the last word ("last":
             # no closing </s>, which pretraining taught to forget the document it ends)
-            close = [] if self.kind == "causal" and self.cfg.task.pooling in ("last", "mean") else [self.vocab.eos]
+            close = [self.vocab.eos] if self.closes_with_eos else []
             budget = self.cfg.task.max_seq_len - 1 - len(close) - (1 if b is not None else 0)
             a, b = _truncate_pair(a, b, budget)
             ids = [self.vocab.bos, *a, *(close if b is None else [self.vocab.eos])]

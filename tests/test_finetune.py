@@ -194,6 +194,12 @@ def test_sequence_classification_beats_chance_and_exports(tmp_path, causal_zero3
     # compare counts of right answers, not float32 means (0.9700000286 != 0.97 on another CPU)
     correct = int((pred == batch["labels"]).sum())
     assert correct == round(m["test/accuracy"] * len(feats)), (correct, m["test/accuracy"], len(feats))
+    # and through transformers' own tokenizer (pipeline("text-classification")), the same ids: <s> text
+    from transformers import AutoTokenizer
+
+    hf = AutoTokenizer.from_pretrained(run / "export")
+    texts = [r.fields["text"] for r in read_records(test)]
+    assert [hf(t)["input_ids"] for t in texts] == [f["input_ids"] for f in feats]
 
 
 def test_masked_pairs_on_two_ranks_with_partial_freezing(tmp_path, masked_run):
@@ -216,6 +222,21 @@ def test_masked_pairs_on_two_ranks_with_partial_freezing(tmp_path, masked_run):
     for k in frozen:
         assert torch.equal(out[k], pre[k]), k
     assert all(not torch.equal(out[k], pre[k]) for k in moved if k.endswith(".weight"))
+    # transformers' tokenizer of the export frames a pair as fine-tuning did: <s> A </s> B </s>, B typed 1
+    from transformers import AutoTokenizer
+
+    from data_pipeline.tokenizer import Tokenizer
+    from finetune.data import read_records
+    from finetune.tasks import SequenceClassification, Vocab
+
+    tok = Tokenizer.load(run / "export")
+    task = SequenceClassification(_cfg(task={"max_seq_len": 256}), tok, Vocab(tok.bos_id, tok.eos_id, tok.pad_id), "masked")
+    task.labels = sorted({r.fields["label"] for r in read_records(test)})
+    feats = task.encode(read_records(test), "test")
+    hf = AutoTokenizer.from_pretrained(run / "export")
+    enc = [hf(r.fields["text"], r.fields["text_pair"], return_token_type_ids=True) for r in read_records(test)]
+    assert [e["input_ids"] for e in enc] == [f["input_ids"] for f in feats]
+    assert [e["token_type_ids"] for e in enc] == [f["token_type_ids"] for f in feats]
 
 
 def test_token_classification_conll(tmp_path, causal_zero3):
