@@ -192,12 +192,14 @@ def _finetune_rt(info: dict, run_dir: Path, args, precision: str, env: dict[str,
                                        [e.format(aux=args.aux_lm_weight) for e in extra])
         recipe = {"command": cmd[1:], "backbone": backbone}  # (not the interpreter's path)
         marker = ft_dir / "demo_recipe.json"
-        if (ft_dir / "metrics.json").is_file() and marker.is_file() and json.loads(marker.read_text()) == recipe:
+        same = marker.is_file() and json.loads(marker.read_text()) == recipe
+        if same and (ft_dir / "metrics.json").is_file():
             print(f"\n==> fine-tune ({what}): {ft_dir} is finished, re-used")
-        else:  # never, or with another recipe or backbone: from the start
-            shutil.rmtree(ft_dir, ignore_errors=True)
-            ft_dir.mkdir(parents=True)
-            marker.write_text(json.dumps(recipe))
+        else:  # an interrupted one of this recipe resumes; one of another recipe or backbone starts over
+            if not same:
+                shutil.rmtree(ft_dir, ignore_errors=True)
+                ft_dir.mkdir(parents=True)
+                marker.write_text(json.dumps(recipe))
             times[f"fine-tune ({name[3:]})"] = _run(f"fine-tune ({what}) on Rotten Tomatoes", cmd, env)
         m = json.loads((ft_dir / "metrics.json").read_text())
         results["rows"].append({"name": name, "what": what, "accuracy": m["test/accuracy"], "dir": str(ft_dir),
