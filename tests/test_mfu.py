@@ -72,7 +72,7 @@ def test_cpu_peak_is_measured_in_the_run_precision(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     for precision, dtype in (("bf16", torch.bfloat16), ("fp32", torch.float32), ("fp16", torch.float16)):
         peak, source = callbacks.device_peak_flops(None, precision)
-        assert peak == 1e9 and seen[-1] == dtype and precision in source
+        assert peak == 1e9 and dtype in seen[-2:] and precision in source  # (bf16, fp16: and fp32's)
     assert callbacks.device_peak_flops(5e12, "bf16") == (5e12, "config")
 
 
@@ -93,3 +93,17 @@ def test_gpu_peak_table_matches_exact_device_names(name, precision, peak):
     got, key = gpu_peak_flops(name, precision)
     assert got == pytest.approx(peak, rel=0.01), key
     assert gpu_peak_flops("NVIDIA GeForce GTX 1080", "bf16")[0] == 0.0  # unknown: MFU off, with a message
+
+
+def test_the_cpu_peak_is_the_faster_of_the_runs_dtype_and_fp32():
+    """A CPU without native bf16 (no AVX512-BF16/AMX) multiplies bf16 far slower than fp32, yet training's bf16
+    layers beat that probe: its peak must be fp32's (else MFU read 3.2 there). With native bf16, bf16's."""
+    import torch
+
+    from pretrain.callbacks import cpu_peak
+
+    no_native_bf16 = {torch.bfloat16: 1e10, torch.float32: 1e11}.__getitem__
+    assert cpu_peak("bf16", no_native_bf16) == (1e11, "measured CPU fp32 matmul, faster than bf16 on this CPU")
+    native_bf16 = {torch.bfloat16: 2.3e11, torch.float32: 1e11}.__getitem__
+    assert cpu_peak("bf16", native_bf16) == (2.3e11, "measured CPU bf16 matmul")
+    assert cpu_peak("fp32", native_bf16) == (1e11, "measured CPU fp32 matmul")
