@@ -30,7 +30,7 @@ $(STAMP): pyproject.toml
 
 # The suite runs on the CPU (gloo) by design, also on a GPU machine: it asks for the CPU by name.
 test: setup
-	DS_ACCELERATOR=cpu LMFORGE_ACCELERATOR=cpu $(PY) -m pytest -q tests $(PYTEST_ARGS)
+	DS_ACCELERATOR=cpu LMFORGE_ACCELERATOR=cpu $(PY) -m pytest -q --durations=25 tests $(PYTEST_ARGS)
 
 demo: setup
 	$(PY) -m demo
