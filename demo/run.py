@@ -191,20 +191,28 @@ def _finetune_rt(info: dict, run_dir: Path, args, precision: str, env: dict[str,
         cmd = launcher + finetune_args(ft_dir, run_dir, info, train, budget, args.pooling, args.finetune_lr, precision,
                                        [e.format(aux=args.aux_lm_weight) for e in extra])
         recipe = {"command": cmd[1:], "backbone": backbone}  # (not the interpreter's path)
-        marker = ft_dir / "demo_recipe.json"
-        same = marker.is_file() and json.loads(marker.read_text()) == recipe
-        if same and (ft_dir / "metrics.json").is_file():
+        if finished_finetune(ft_dir, recipe):
             print(f"\n==> fine-tune ({what}): {ft_dir} is finished, re-used")
-        else:  # an interrupted one of this recipe resumes; one of another recipe or backbone starts over
-            if not same:
-                shutil.rmtree(ft_dir, ignore_errors=True)
-                ft_dir.mkdir(parents=True)
-                marker.write_text(json.dumps(recipe))
+        else:
             times[f"fine-tune ({name[3:]})"] = _run(f"fine-tune ({what}) on Rotten Tomatoes", cmd, env)
         m = json.loads((ft_dir / "metrics.json").read_text())
         results["rows"].append({"name": name, "what": what, "accuracy": m["test/accuracy"], "dir": str(ft_dir),
                                 "lr": m.get("lr")})
     return results
+
+
+def finished_finetune(ft_dir: Path, recipe: dict[str, object]) -> bool:
+    """True when ``ft_dir`` holds a finished fine-tune of ``recipe`` (its command and backbone), to re-use.
+    Otherwise ``ft_dir`` is made ready for it: an interrupted run of the same recipe is kept (it resumes),
+    one of another recipe or backbone is deleted and the folder marked with this recipe."""
+    marker = ft_dir / "demo_recipe.json"
+    same = marker.is_file() and json.loads(marker.read_text()) == recipe
+    if same:
+        return (ft_dir / "metrics.json").is_file()
+    shutil.rmtree(ft_dir, ignore_errors=True)
+    ft_dir.mkdir(parents=True)
+    marker.write_text(json.dumps(recipe))
+    return False
 
 
 def finetune_args(ft_dir: Path, init_from: Path, info: dict, train: Path, budget: list[str], pooling: str,

@@ -56,6 +56,17 @@ def shards_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def causal_zero3(tmp_path_factory, shards_dir) -> Path:
+    """A tiny causal model pretrained 20 steps on 2 ranks with ZeRO-3 (its checkpoint is partitioned): what the
+    fine-tuning tests start from and the export test exports. Read-only for the tests."""
+    rd = tmp_path_factory.mktemp("pre") / "causal"
+    run_stage("pretrain", ["configs/pretrain/tiny.yaml", f"--run_dir={rd}", f"--data.shards=[{shards_dir}]",
+                           "--data.seq_len=64", "--train.max_steps=20", "--train.eval_every=0", "--train.eval_samples=8",
+                           "--train.micro_batch_size=4", "--optim.warmup_steps=3", "--zero.stage=3"], nproc=2)
+    return rd
+
+
 # ---------------------------------------------------------------- running the pretrain stage for real
 def _free_port() -> int:
     import socket
@@ -82,8 +93,10 @@ def stage_env(**extra: str) -> dict[str, str]:
 
 
 def run_stage(module: str, args: list[str], nproc: int = 1, env: dict[str, str] | None = None, check: bool = True,
-              timeout: int = 600, nofile: int | None = None):
-    """``python -m MODULE`` (nproc=1) or ``torchrun --nproc_per_node N -m MODULE`` as a real subprocess.
+              timeout: int = 600, nofile: int | None = None, launcher: str = "static"):
+    """``python -m MODULE`` (nproc=1), or N ranks of it as real subprocesses: by default started with their
+    RANK/WORLD_SIZE/MASTER_* environment as srun or a static launcher does (``tests/launch_ranks.py``: the
+    others are killed when one fails), ``launcher="torchrun"`` through ``torchrun --nproc_per_node N``.
 
     ``nofile``: RLIMIT_NOFILE (soft and hard) of the run, as ``ulimit -n`` on a cluster. A run past
     ``timeout`` is killed with all its ranks (its own process group), then the test fails.
@@ -95,9 +108,12 @@ def run_stage(module: str, args: list[str], nproc: int = 1, env: dict[str, str] 
 
     if nproc == 1:
         cmd = [sys.executable, "-m", module, *args]
-    else:
+    elif launcher == "torchrun":
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
                "--master_port", str(_free_port()), "-m", module, *args]
+    else:
+        cmd = [sys.executable, str(REPO / "tests" / "launch_ranks.py"), str(nproc), str(_free_port()), "-m", module,
+               *args]
 
     def limit() -> None:
         if nofile is not None:

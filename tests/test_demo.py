@@ -77,9 +77,18 @@ def test_the_demo_prints_the_lesson_on_a_shortened_run(tmp_path):
     again = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "already finished 30 steps, re-used" in again.stdout
     assert again.stdout.count("is finished, re-used") == 4
-    # a fine-tune of another recipe is not passed off as this one's: every variant runs again
-    i = cmd.index("--finetune-steps")
-    other = subprocess.run([*cmd[:i], "--finetune-steps", "2", *cmd[i + 2:]], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=600)
-    assert other.returncode == 0 and "is finished, re-used" not in other.stdout, other.stdout[-3000:]
-    assert other.stdout.count("--train.max_steps=2") == 4
+
+
+def test_a_finetune_is_reused_only_for_the_same_recipe_and_backbone(tmp_path):
+    from demo.run import finished_finetune
+
+    ft, recipe = tmp_path / "rt_pretrained", {"command": ["-m", "finetune", "--train.max_steps=3"], "backbone": "step_30"}
+    assert not finished_finetune(ft, recipe)  # nothing there: made ready, marked with the recipe
+    (ft / "checkpoints").mkdir()
+    assert not finished_finetune(ft, recipe) and (ft / "checkpoints").is_dir()  # interrupted: kept, it resumes
+    (ft / "metrics.json").write_text("{}")
+    assert finished_finetune(ft, recipe)  # finished: re-used
+    for other in ({**recipe, "command": ["-m", "finetune", "--train.max_steps=2"]}, {**recipe, "backbone": "step_60"}):
+        assert not finished_finetune(ft, other)  # another recipe or backbone: started over
+        assert sorted(p.name for p in ft.iterdir()) == ["demo_recipe.json"]
+        (ft / "metrics.json").write_text("{}")

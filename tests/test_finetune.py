@@ -28,12 +28,6 @@ def _pretrain(run_dir: Path, shards: Path, nproc: int, *extra: str) -> Path:
 
 
 @pytest.fixture(scope="module")
-def causal_zero3(tmp_path_factory, shards_dir) -> Path:
-    """A tiny causal model pretrained on 2 ranks with ZeRO-3 (its checkpoint is partitioned)."""
-    return _pretrain(tmp_path_factory.mktemp("pre") / "causal", shards_dir, 2, "--zero.stage=3")
-
-
-@pytest.fixture(scope="module")
 def masked_run(tmp_path_factory, shards_dir) -> Path:
     return _pretrain(tmp_path_factory.mktemp("pre") / "masked", shards_dir, 1, "--model.kind=masked",
                      "--model.dropout=0.0")

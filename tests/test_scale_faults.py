@@ -27,7 +27,7 @@ def _args(run_dir, shards, *extra: str) -> list[str]:
 def test_a_rank_that_raises_ends_the_whole_torchrun_job(tmp_path, shards_dir):
     t0 = time.time()
     proc = run_stage("pretrain", _args(tmp_path / "run", shards_dir, "--train.max_steps=50", "--callbacks=[hooks:fail]"),
-                     nproc=2, env=stage_env(LMFORGE_TEST_FAIL="3@1"), check=False, timeout=150)
+                     nproc=2, env=stage_env(LMFORGE_TEST_FAIL="3@1"), check=False, timeout=150, launcher="torchrun")
     took = time.time() - t0
     assert proc.returncode != 0, proc.stdout[-2000:]
     assert took < 60 + 30, f"the job took {took:.0f}s to end"  # 30 s: start-up of two ranks on a busy 2-core CI
