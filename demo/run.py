@@ -15,8 +15,9 @@ Stages, each skipped when its output is already complete (a re-run continues, it
   5. export to Hugging Face format and generate a sample with transformers' pipeline
   6. fine-tune on Rotten Tomatoes, all with the same budget (1,000 labelled sentences, a seeded sample of the
      9,023: few labels is where pretraining matters; 100 steps of 32; the classifier reads the mean state of the
-     text, task.pooling=mean; lr 3e-4; the best validation checkpoint): the pretrained model (full fine-tune),
-     the same architecture from random initialisation, the pretrained backbone frozen (a linear probe, lr x10),
+     text, task.pooling=mean; finetune's width-scaled lr, 3e-4 at width 128; the best validation checkpoint):
+     the pretrained model (full fine-tune), the same architecture from random initialisation, the pretrained
+     backbone frozen (a linear probe, lr x10),
      and the pretrained model with the auxiliary language-modelling loss (L = L_task + λ·L_lm); next to the
      majority class → out/demo/runs/rt_*/metrics.json. demo/EXPERIMENTS.md: how this recipe was chosen.
   7. the summary: the lesson's table on the test split, and where every artefact is
@@ -41,7 +42,9 @@ REPO = Path(__file__).resolve().parents[1]
 PRESET = "configs/pretrain/demo.yaml"
 PROMPT = "The film is"
 # the fine-tuning recipe of the lesson (demo/EXPERIMENTS.md: how it was chosen)
-LABELS, POOLING, FT_LR, FT_STEPS = 1000, "mean", 3e-4, 100
+# FT_LR 0: finetune's width-scaled default (finetune.config.auto_lr), 3e-4 for the demo's width 128 (3e-3 for the
+# frozen probe's head), the same for every row
+LABELS, POOLING, FT_LR, FT_STEPS = 1000, "mean", 0.0, 100
 # (run name, what it is, extra fine-tuning arguments); λ is filled in from --aux-lm-weight
 VARIANTS = [
     ("rt_pretrained", "pretrained, full fine-tune", []),
