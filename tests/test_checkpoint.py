@@ -121,6 +121,14 @@ def straight_runs(tmp_path_factory, shards_dir):
     return runs
 
 
+def test_zero1_trains_the_same_curve_as_zero3(straight_runs):
+    """The same 12 steps (fp32, same global batch, 2 ranks) under ZeRO-1 and ZeRO-3 give the same losses: the
+    ZeRO-1 engine settings train what the others do (test_pretrain compares ZeRO-0, 2 and 3)."""
+    a, b = _losses(straight_runs[1, 2]), _losses(straight_runs[3, 2])
+    assert sorted(a) == sorted(b) == list(range(1, 13))
+    np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=0, atol=1e-4)
+
+
 def test_zero3_resume_at_the_same_world_size_is_bit_identical(tmp_path, shards_dir, straight_runs):
     """The 2-rank ZeRO-3 run's step-6 checkpoint, resumed on 2 ranks in another run directory: DeepSpeed's own
     partitioned load (no universal conversion), and the curve goes on bit for bit."""
@@ -131,6 +139,7 @@ def test_zero3_resume_at_the_same_world_size_is_bit_identical(tmp_path, shards_d
     out = run_stage("pretrain", _args(rd, shards_dir, "--zero.stage=3", "--precision=fp32", "--train.max_steps=12",
                                       "--checkpoint.interval_steps=6", "--train.micro_batch_size=2"), nproc=2)
     assert "resumed from" in out.stdout and "at step 6" in out.stdout and "universal" not in out.stdout
+    assert not list((rd / "checkpoints").glob("*universal*"))  # no conversion at the same world size
     want, got = _losses(ref), _losses(rd)
     assert sorted(got) == list(range(7, 13)) and [got[s] for s in range(7, 13)] == [want[s] for s in range(7, 13)]
     assert len(list((rd / "checkpoints" / "step_00000012").glob("rng_rank*.pt"))) == 2
