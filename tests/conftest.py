@@ -60,11 +60,15 @@ def shards_dir(tmp_path_factory, corpus_dir, tokenizer_dir) -> Path:
 def causal_zero3(tmp_path_factory, shards_dir) -> Path:
     """A tiny causal model pretrained 20 steps on 2 ranks with ZeRO-3 (its checkpoint is partitioned): what the
     fine-tuning tests start from and the export test exports. Read-only for the tests."""
-    rd = tmp_path_factory.mktemp("pre") / "causal"
-    run_stage("pretrain", ["configs/pretrain/tiny.yaml", f"--run_dir={rd}", f"--data.shards=[{shards_dir}]",
+    return pretrain_tiny(tmp_path_factory.mktemp("pre") / "causal", shards_dir, 2, "--zero.stage=3")
+
+
+def pretrain_tiny(run_dir: Path, shards: Path, nproc: int, *extra: str) -> Path:
+    """20 steps of the ``tiny`` preset at seq_len 64: the backbone the fine-tuning tests start from."""
+    run_stage("pretrain", ["configs/pretrain/tiny.yaml", f"--run_dir={run_dir}", f"--data.shards=[{shards}]",
                            "--data.seq_len=64", "--train.max_steps=20", "--train.eval_every=0", "--train.eval_samples=8",
-                           "--train.micro_batch_size=4", "--optim.warmup_steps=3", "--zero.stage=3"], nproc=2)
-    return rd
+                           "--train.micro_batch_size=4", "--optim.warmup_steps=3", *extra], nproc=nproc)
+    return run_dir
 
 
 # ---------------------------------------------------------------- running the pretrain stage for real

@@ -13,23 +13,15 @@ from pathlib import Path
 import finetune_data as fd
 import pytest
 import torch
-from conftest import REPO, read_scalars, run_stage, slowed_env, stage_env
+from conftest import REPO, pretrain_tiny, read_scalars, run_stage, slowed_env, stage_env
 
-TINY = "configs/pretrain/tiny.yaml"
 FAST = ["--precision=fp32", "--optim.lr=2e-3", "--optim.warmup_steps=10", "--task.max_seq_len=64",
         "--train.log_every=5"]
 
 
-def _pretrain(run_dir: Path, shards: Path, nproc: int, *extra: str) -> Path:
-    run_stage("pretrain", [TINY, f"--run_dir={run_dir}", f"--data.shards=[{shards}]", "--data.seq_len=64",
-                           "--train.max_steps=20", "--train.eval_every=0", "--train.eval_samples=8",
-                           "--train.micro_batch_size=4", "--optim.warmup_steps=3", *extra], nproc=nproc)
-    return run_dir
-
-
 @pytest.fixture(scope="module")
 def masked_run(tmp_path_factory, shards_dir) -> Path:
-    return _pretrain(tmp_path_factory.mktemp("pre") / "masked", shards_dir, 1, "--model.kind=masked",
+    return pretrain_tiny(tmp_path_factory.mktemp("pre") / "masked", shards_dir, 1, "--model.kind=masked",
                      "--model.dropout=0.0")
 
 
